@@ -1,0 +1,1 @@
+//! A stand-in for EMQX's ExProto gateway, for development and tests.

@@ -1,0 +1,1 @@
+//! Splits a byte stream into lines with a hard maximum length.

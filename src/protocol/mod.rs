@@ -1,0 +1,204 @@
+//! The extension point: a [`Protocol`] turns one connection's socket events
+//! into actions, with no IO of its own.
+//!
+//! Everything here is sans-IO: no socket, no `await`, no clock, no gRPC type.
+//! The driver in `crate::session` feeds [`Event`]s to a [`Session`] and carries
+//! out the [`Action`]s it returns against EMQX. Because nothing here can block
+//! or fail on IO, a session is tested with plain function calls and fuzzed
+//! with arbitrary byte chunks.
+//!
+//! Adding a protocol: a module under `protocol/` that implements [`Protocol`],
+//! plus one line in [`by_name`].
+
+pub mod chat;
+pub mod framer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// What the adapter is told about a new socket (EMQX's `ConnInfo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// `tcp`, `ssl`, `udp` or `dtls`.
+    pub socktype: &'static str,
+    /// The client's address as `host:port`, for logs.
+    pub peer: String,
+    /// The listener's address as `host:port`.
+    pub sockname: String,
+    /// The client certificate's common name, when the listener has TLS.
+    pub cert_cn: Option<String>,
+}
+
+/// A message EMQX delivered to one of the connection's subscriptions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    pub node: String,
+    /// EMQX's message id, hex.
+    pub id: String,
+    pub qos: u8,
+    /// The publisher's clientid; may be empty.
+    pub from: String,
+    pub topic: String,
+    pub payload: Bytes,
+    pub timestamp_ms: u64,
+}
+
+/// Timers that EMQX runs for a connection (`StartTimer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    Keepalive,
+}
+
+/// Something that happened to a connection, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The socket exists (`OnSocketCreated`). Always a session's first event.
+    Created(ConnMeta),
+    /// Bytes from the client, split and merged arbitrarily.
+    Bytes(Bytes),
+    /// Messages delivered to the connection's subscriptions, in order.
+    Messages(Vec<Message>),
+    /// EMQX's timer fired (`OnTimerTimeout`); EMQX closes the socket itself.
+    TimerFired(TimerKind),
+    /// The adapter's own timer, armed with [`Action::SetDeadline`], expired.
+    Deadline,
+    /// The outcome of the [`Action::Call`] the session asked for last.
+    Reply(CallResult),
+    /// The socket is closed (`OnSocketClosed`); the reason is opaque text.
+    Closed(String),
+}
+
+/// How EMQX answered a call, in the terms a protocol needs to word a reply.
+///
+/// "The connection is gone" is not here: the driver ends the session itself
+/// when EMQX says so, since nothing can reach the client any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallResult {
+    Ok,
+    /// EMQX refused: authentication or authorization (`PERMISSION_DENY`).
+    Denied(String),
+    /// EMQX answered with another error code, or the call failed oddly.
+    Failed(String),
+    /// EMQX's ConnectionAdapter could not be reached in time.
+    Unreachable,
+}
+
+/// A call to EMQX's ConnectionAdapter for this connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Authenticate {
+        proto_name: String,
+        proto_ver: String,
+        clientid: String,
+        username: String,
+        password: Secret,
+    },
+    /// EMQX's keepalive timer, in seconds (never 0).
+    StartKeepalive { interval_s: u32 },
+    Subscribe { filter: String, qos: u8 },
+    Unsubscribe { filter: String },
+    Publish { topic: String, qos: u8, payload: Bytes },
+    /// Close the socket; bytes sent before it are delivered first.
+    Close,
+}
+
+/// What a session asks the driver to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Bytes for the client. The driver coalesces consecutive sends into as
+    /// few `Send` calls as ordering allows.
+    Send(Bytes),
+    /// A call whose outcome the session needs. It is always the last action
+    /// of a `handle`; the driver feeds its outcome back as [`Event::Reply`]
+    /// before any other event.
+    Call(Call),
+    /// Arm (or with `None`, cancel) the session's single deadline, counted
+    /// from now; it fires as [`Event::Deadline`].
+    SetDeadline(Option<Duration>),
+}
+
+/// One connection's protocol state machine.
+pub trait Session: Send {
+    /// Feeds one event and appends the resulting actions to `out`.
+    ///
+    /// Contract: when the actions end with [`Action::Call`], the next event
+    /// must be that call's [`Event::Reply`].
+    fn handle(&mut self, event: Event, out: &mut Vec<Action>);
+}
+
+/// Seed data the driver gives a new session, so the session itself needs no
+/// randomness or clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionInit {
+    /// A random number, e.g. for a clientid the protocol makes up.
+    pub random: u64,
+}
+
+/// Settings every protocol gets; each uses what applies to it.
+#[derive(Debug, Clone)]
+pub struct ProtocolConfig {
+    /// Longest line (or frame) in bytes, terminator excluded.
+    pub max_line: usize,
+    /// A connection that has not authenticated by then is closed.
+    pub login_timeout: Duration,
+    /// EMQX keepalive after authentication; zero disables it.
+    pub keepalive: Duration,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        Self {
+            max_line: 65_536,
+            login_timeout: Duration::from_secs(30),
+            keepalive: Duration::from_secs(60),
+            max_subscriptions: 100,
+        }
+    }
+}
+
+/// A protocol: a factory of sessions plus the words for edge cases the
+/// driver handles without a session.
+pub trait Protocol: Send + Sync + 'static {
+    /// The name used with `--protocol`.
+    fn name(&self) -> &'static str;
+    /// A session for a socket that was just created.
+    fn new_session(&self, init: SessionInit) -> Box<dyn Session>;
+    /// Bytes sent to a connection the adapter has no session for, right
+    /// before the driver closes it.
+    fn lost_session_bytes(&self) -> Bytes;
+}
+
+/// Names accepted by [`by_name`].
+pub const NAMES: &[&str] = &["chat"];
+
+/// The built-in protocol called `name`, or `None`.
+pub fn by_name(name: &str, config: &ProtocolConfig) -> Option<Arc<dyn Protocol>> {
+    match name {
+        "chat" => Some(Arc::new(chat::Chat::new(config.clone()))),
+        _ => None,
+    }
+}
+
+/// A string that must never reach a log: its `Debug` is redacted.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
