@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Bytes fields as `bytes::Bytes`: chunks and payloads pass through
+        // the adapter without being copied.
+        .bytes(".")
         .compile_fds(fds)?;
     Ok(())
 }

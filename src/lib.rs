@@ -1,8 +1,18 @@
 //! exproto-adapter: an EMQX ExProto handler that turns a line protocol spoken
 //! over raw TCP into EMQX calls. See the README for the architecture.
+//!
+//! Event flow: EMQX -> [`handler`] (gRPC) -> [`session::Driver`] and its
+//! [`registry`] -> a [`protocol::Session`] (sans-IO) -> actions -> [`emqx`]
+//! client -> EMQX.
 
+pub mod config;
 pub mod dev_gateway;
+pub mod emqx;
+pub mod handler;
 pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod session;
 
 /// Code generated from EMQX's `exproto.proto` (package `emqx.exproto.v1`).
 pub mod pb {

@@ -1,0 +1,225 @@
+//! [`ConnectionAdapter`] over tonic: one shared, lazily connected channel.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{ConnectionAdapter, EmqxError, Op};
+use crate::pb::connection_adapter_client::ConnectionAdapterClient;
+use crate::pb::{self, ResultCode};
+use crate::protocol::Call;
+
+/// EMQX's ConnectionAdapter reached over gRPC.
+#[derive(Clone)]
+pub struct GrpcAdapter {
+    /// Cheap to clone: every clone multiplexes over the same HTTP/2
+    /// connection, so thousands of sessions share one socket to EMQX.
+    client: ConnectionAdapterClient<Channel>,
+    /// Bounds every call, so a stalled EMQX turns into a 503 instead of a
+    /// session that hangs forever.
+    timeout: Duration,
+    /// Set while EMQX is unreachable, so an outage is logged once when it
+    /// starts and once when it ends rather than once per call.
+    down: Arc<AtomicBool>,
+}
+
+impl GrpcAdapter {
+    /// A client for `url` (e.g. `http://127.0.0.1:9100`). Nothing is
+    /// connected until the first call.
+    ///
+    /// # Errors
+    /// When `url` is not a valid URI.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(url.to_string())?
+            .tcp_nodelay(true)
+            .connect_timeout(timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        Ok(Self::from_channel(endpoint.connect_lazy(), timeout))
+    }
+
+    /// A client over an existing channel.
+    pub fn from_channel(channel: Channel, timeout: Duration) -> Self {
+        Self {
+            client: ConnectionAdapterClient::new(channel),
+            timeout,
+            down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn note_reachable(&self, reachable: bool, detail: &str) {
+        let was_down = self.down.swap(!reachable, Ordering::Relaxed);
+        match (was_down, reachable) {
+            (false, false) => tracing::warn!(error = %detail, "EMQX ConnectionAdapter unreachable"),
+            (true, true) => tracing::info!("EMQX ConnectionAdapter reachable again"),
+            _ => {}
+        }
+    }
+}
+
+fn code_to_result(resp: pb::CodeResponse) -> Result<(), EmqxError> {
+    match ResultCode::try_from(resp.code) {
+        Ok(ResultCode::Success) => Ok(()),
+        Ok(ResultCode::ConnProcessNotAlive) => Err(EmqxError::Gone),
+        Ok(ResultCode::PermissionDeny) => Err(EmqxError::Denied(resp.message)),
+        _ => Err(EmqxError::Rejected {
+            code: resp.code,
+            message: resp.message,
+        }),
+    }
+}
+
+/// Whether a gRPC status means "EMQX did not answer" rather than "EMQX
+/// answered with an error".
+fn is_unreachable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    ) || (status.code() == tonic::Code::Unknown && status.message().contains("transport"))
+}
+
+impl ConnectionAdapter for GrpcAdapter {
+    fn call(&self, conn: &str, op: Op) -> BoxFuture<'static, Result<(), EmqxError>> {
+        let mut client = self.client.clone();
+        let conn = conn.to_string();
+        let this = self.clone();
+        Box::pin(async move {
+            let fut = async {
+                match op {
+                    Op::Send(bytes) => client.send(pb::SendBytesRequest { conn, bytes }).await,
+                    Op::Call(call) => match call {
+                        Call::Close => client.close(pb::CloseSocketRequest { conn }).await,
+                        Call::Authenticate {
+                            proto_name,
+                            proto_ver,
+                            clientid,
+                            username,
+                            password,
+                        } => {
+                            client
+                                .authenticate(pb::AuthenticateRequest {
+                                    conn,
+                                    clientinfo: Some(pb::ClientInfo {
+                                        proto_name,
+                                        proto_ver,
+                                        clientid,
+                                        username,
+                                        mountpoint: String::new(),
+                                    }),
+                                    password: password.expose().to_string(),
+                                })
+                                .await
+                        }
+                        Call::StartKeepalive { interval_s } => {
+                            client
+                                .start_timer(pb::TimerRequest {
+                                    conn,
+                                    r#type: pb::TimerType::Keepalive as i32,
+                                    interval: interval_s,
+                                })
+                                .await
+                        }
+                        Call::Subscribe { filter, qos } => {
+                            client
+                                .subscribe(pb::SubscribeRequest {
+                                    conn,
+                                    topic: filter,
+                                    qos: u32::from(qos),
+                                })
+                                .await
+                        }
+                        Call::Unsubscribe { filter } => {
+                            client
+                                .unsubscribe(pb::UnsubscribeRequest {
+                                    conn,
+                                    topic: filter,
+                                })
+                                .await
+                        }
+                        Call::Publish {
+                            topic,
+                            qos,
+                            payload,
+                        } => {
+                            client
+                                .publish(pb::PublishRequest {
+                                    conn,
+                                    topic,
+                                    qos: u32::from(qos),
+                                    payload,
+                                })
+                                .await
+                        }
+                    },
+                }
+            };
+            match tokio::time::timeout(this.timeout, fut).await {
+                Err(_) => {
+                    let e = format!("no answer within {:?}", this.timeout);
+                    this.note_reachable(false, &e);
+                    Err(EmqxError::Unreachable(e))
+                }
+                Ok(Err(status)) if is_unreachable(&status) => {
+                    this.note_reachable(false, status.message());
+                    Err(EmqxError::Unreachable(status.message().to_string()))
+                }
+                Ok(Err(status)) => {
+                    this.note_reachable(true, "");
+                    Err(EmqxError::Rejected {
+                        code: ResultCode::Unknown as i32,
+                        message: format!("gRPC status {:?}: {}", status.code(), status.message()),
+                    })
+                }
+                Ok(Ok(resp)) => {
+                    this.note_reachable(true, "");
+                    code_to_result(resp.into_inner())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_codes_map_to_errors() {
+        let r = |code: ResultCode, m: &str| {
+            code_to_result(pb::CodeResponse {
+                code: code as i32,
+                message: m.into(),
+            })
+        };
+        assert_eq!(r(ResultCode::Success, ""), Ok(()));
+        assert_eq!(r(ResultCode::ConnProcessNotAlive, ""), Err(EmqxError::Gone));
+        assert_eq!(
+            r(ResultCode::PermissionDeny, "Authorization deny"),
+            Err(EmqxError::Denied("Authorization deny".into()))
+        );
+        assert_eq!(
+            r(ResultCode::Unknown, "{error,'PARAMS_TYPE_ERROR'}"),
+            Err(EmqxError::Rejected {
+                code: 1,
+                message: "{error,'PARAMS_TYPE_ERROR'}".into()
+            })
+        );
+        // A code this build does not know is still a failure, not a success.
+        assert!(code_to_result(pb::CodeResponse {
+            code: 42,
+            message: String::new()
+        })
+        .is_err());
+    }
+
+    #[tokio::test]
+    async fn unreachable_emqx_is_an_unreachable_error() {
+        // Port 1 on loopback: nothing listens there, the connect is refused.
+        let a = GrpcAdapter::new("http://127.0.0.1:1", Duration::from_secs(2)).unwrap();
+        let e = a.call("c", Op::Send(bytes::Bytes::new())).await;
+        assert!(matches!(e, Err(EmqxError::Unreachable(_))), "{e:?}");
+    }
+}

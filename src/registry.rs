@@ -1,0 +1,137 @@
+//! Which connections the adapter serves: `conn` -> session entry.
+//!
+//! An entry is a cheap handle: a small mailbox of events and the protocol
+//! session itself. No task exists for an idle connection; a worker is spawned
+//! when an event arrives and exits when the mailbox is empty, so per-conn
+//! order holds (one worker at a time) while 100k idle sessions cost only
+//! their state. Map guards are never held across an `.await`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::time::Instant;
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use crate::protocol::{Event, Session};
+
+/// Work for a connection's worker, in arrival order.
+#[derive(Debug)]
+pub(crate) enum Item {
+    Event(Event),
+    /// Ask EMQX whether the connection process still lives (empty `Send`).
+    Probe,
+}
+
+/// One live session.
+pub(crate) struct Entry {
+    pub(crate) conn: Arc<str>,
+    inner: Mutex<Inner>,
+    /// Milliseconds since the registry's epoch when the last event came;
+    /// the sweeper probes sessions that have been silent too long.
+    last_event_ms: AtomicU64,
+    /// Wakes handler calls waiting for room in a full mailbox.
+    drained: Notify,
+}
+
+pub(crate) struct Inner {
+    pub(crate) queue: VecDeque<Item>,
+    /// A worker owns the session right now.
+    pub(crate) running: bool,
+    /// `None` while a worker has taken it out.
+    pub(crate) session: Option<Box<dyn Session>>,
+    /// The session is over; late events are dropped.
+    pub(crate) ended: bool,
+}
+
+impl Entry {
+    pub(crate) fn new(conn: Arc<str>, session: Box<dyn Session>, now_ms: u64) -> Self {
+        Self {
+            conn,
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                running: false,
+                session: Some(session),
+                ended: false,
+            }),
+            last_event_ms: AtomicU64::new(now_ms),
+            drained: Notify::new(),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock is a bug elsewhere; the queue is
+        // still consistent (every mutation is a single push or pop).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.last_event_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_event_ms(&self) -> u64 {
+        self.last_event_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn drained(&self) -> &Notify {
+        &self.drained
+    }
+}
+
+/// Events for a conn whose `OnSocketCreated` has not arrived yet (streaming
+/// mode can deliver them first).
+#[derive(Default)]
+pub(crate) struct Orphan {
+    pub(crate) events: Vec<Event>,
+    /// Bytes held, counted against the line limit.
+    pub(crate) bytes: usize,
+}
+
+/// Every session the adapter serves, plus events waiting for their session.
+pub struct Registry {
+    pub(crate) sessions: DashMap<Arc<str>, Arc<Entry>>,
+    pub(crate) orphans: DashMap<Arc<str>, Orphan>,
+    epoch: Instant,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            sessions: DashMap::new(),
+            orphans: DashMap::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Registry {
+    /// Sessions currently held.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Conns with events held while waiting for `OnSocketCreated`.
+    pub fn orphans(&self) -> usize {
+        self.orphans.len()
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn get(&self, conn: &str) -> Option<Arc<Entry>> {
+        self.sessions.get(conn).map(|e| e.value().clone())
+    }
+
+    /// Removes `entry` if it is still the one registered for its conn.
+    pub(crate) fn remove(&self, entry: &Arc<Entry>) {
+        self.sessions
+            .remove_if(&entry.conn, |_, e| Arc::ptr_eq(e, entry));
+    }
+}

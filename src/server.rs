@@ -1,0 +1,172 @@
+//! Starts the handler gRPC server: both handler services on one port, over a
+//! shared [`Driver`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use crate::emqx::{ConnectionAdapter, GrpcAdapter};
+use crate::handler::{StreamHandler, UnaryHandler};
+use crate::pb::connection_handler_server::ConnectionHandlerServer;
+use crate::pb::connection_unary_handler_server::ConnectionUnaryHandlerServer;
+use crate::protocol::{self, Protocol, ProtocolConfig};
+use crate::session::{Driver, DriverConfig};
+
+/// Everything the adapter needs to run; the CLI builds it from flags.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// Where the handler services listen (EMQX's `handler.address`).
+    pub listen: SocketAddr,
+    /// EMQX's ConnectionAdapter (`gateway.exproto.server.bind`).
+    pub emqx: String,
+    /// Bound on each call to EMQX.
+    pub call_timeout: Duration,
+    /// A built-in protocol's name (see [`protocol::NAMES`]).
+    pub protocol_name: String,
+    pub protocol: ProtocolConfig,
+    pub driver: DriverConfig,
+    /// HTTP/2 streams per EMQX connection; `None` is unlimited. Streaming
+    /// mode holds up to five per client connection, so a low cap stalls.
+    pub max_concurrent_streams: Option<u32>,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
+            emqx: "http://127.0.0.1:9100".into(),
+            call_timeout: Duration::from_secs(5),
+            protocol_name: "chat".into(),
+            protocol: ProtocolConfig::default(),
+            driver: DriverConfig::default(),
+            max_concurrent_streams: None,
+        }
+    }
+}
+
+/// A running adapter. Dropping it does not stop it; call [`Self::shutdown`].
+pub struct RunningAdapter {
+    addr: SocketAddr,
+    driver: Arc<Driver>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningAdapter {
+    /// The address the handler services are bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The driver, e.g. to look at its registry.
+    pub fn driver(&self) -> &Arc<Driver> {
+        &self.driver
+    }
+
+    /// Stops accepting calls, lets in-flight calls finish and waits for the
+    /// server to stop.
+    ///
+    /// # Errors
+    /// When the server failed while running.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.context("adapter server task")??;
+        Ok(())
+    }
+
+    /// Waits until the server stops by itself (it only does on error).
+    ///
+    /// # Errors
+    /// When the server failed.
+    pub async fn wait(&mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            r = &mut self.task => { r.context("adapter server task")??; }
+            () = signal => {
+                if let Some(stop) = self.stop.take() {
+                    let _ = stop.send(());
+                }
+                (&mut self.task).await.context("adapter server task")??;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Binds and starts the adapter with a built-in protocol.
+///
+/// # Errors
+/// Unknown protocol, bad EMQX URL, or the address cannot be bound.
+pub async fn start(config: &AdapterConfig) -> anyhow::Result<RunningAdapter> {
+    let protocol =
+        protocol::by_name(&config.protocol_name, &config.protocol).with_context(|| {
+            format!(
+                "unknown protocol {:?} (known: {})",
+                config.protocol_name,
+                protocol::NAMES.join(", ")
+            )
+        })?;
+    start_with(config, protocol).await
+}
+
+/// Binds and starts the adapter with any [`Protocol`], e.g. one defined
+/// outside this crate.
+///
+/// # Errors
+/// Bad EMQX URL, or the address cannot be bound.
+pub async fn start_with(
+    config: &AdapterConfig,
+    protocol: Arc<dyn Protocol>,
+) -> anyhow::Result<RunningAdapter> {
+    let emqx = GrpcAdapter::new(&config.emqx, config.call_timeout)
+        .with_context(|| format!("invalid EMQX URL {:?}", config.emqx))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    serve(listener, config, protocol, Arc::new(emqx))
+}
+
+/// Serves on an already bound listener with any EMQX client (tests use this
+/// with fakes).
+///
+/// # Errors
+/// When the listener's address cannot be read.
+pub fn serve(
+    listener: TcpListener,
+    config: &AdapterConfig,
+    protocol: Arc<dyn Protocol>,
+    emqx: Arc<dyn ConnectionAdapter>,
+) -> anyhow::Result<RunningAdapter> {
+    let addr = listener.local_addr()?;
+    let driver = Driver::new(protocol, emqx, config.driver.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    // tonic does not apply its own tcp_nodelay to an incoming stream we
+    // hand it; Nagle would add tens of ms to every small reply.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .add_service(ConnectionUnaryHandlerServer::new(UnaryHandler::new(
+            driver.clone(),
+        )))
+        .add_service(ConnectionHandlerServer::new(StreamHandler::new(
+            driver.clone(),
+        )));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stopped.await;
+    }));
+    tracing::info!(%addr, protocol = driver.protocol().name(), "handler listening");
+    Ok(RunningAdapter {
+        addr,
+        driver,
+        stop: Some(stop),
+        task,
+    })
+}

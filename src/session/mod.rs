@@ -1,0 +1,439 @@
+//! The driver: runs protocol sessions against EMQX.
+//!
+//! Event flow: a handler service (unary or streaming) calls
+//! [`Driver::dispatch`]; the event lands in the connection's mailbox in the
+//! registry and the handler call is answered at once. A per-connection
+//! worker feeds events to the sans-IO [`Session`] one at a time, carries out
+//! the actions it returns (coalescing its output into as few `Send`s as the
+//! order allows) and feeds each call's outcome back before the next event.
+
+mod timers;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tracing::{debug, info, warn};
+
+use crate::emqx::{ConnectionAdapter, EmqxError, Op};
+use crate::protocol::{Action, Call, CallResult, Event, Protocol, Session, SessionInit};
+use crate::registry::{Entry, Item, Orphan, Registry};
+use timers::Timers;
+
+/// How the driver treats EMQX and connections; see the CLI for each.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// How long a reply that could not reach EMQX is retried (PROTOCOL.md:
+    /// the 503 itself travels through EMQX).
+    pub send_retry: Duration,
+    /// How long events for a conn are held while waiting for its
+    /// `OnSocketCreated` (streaming mode only).
+    pub created_wait: Duration,
+    /// Bytes that may be held for such a conn; past it the session is lost.
+    pub max_held_bytes: usize,
+    /// Events a connection's mailbox holds before handler calls wait for it
+    /// to drain, which pushes back on EMQX instead of growing without bound.
+    pub max_queued_events: usize,
+    /// A session silent this long is probed with an empty `Send`, so
+    /// sessions whose `OnSocketClosed` was lost are reclaimed.
+    pub idle_probe: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            send_retry: Duration::from_secs(30),
+            created_wait: Duration::from_secs(2),
+            max_held_bytes: 65_536,
+            max_queued_events: 64,
+            idle_probe: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Owns the registry and runs every session. Shared by both handler services.
+pub struct Driver {
+    registry: Registry,
+    protocol: Arc<dyn Protocol>,
+    emqx: Arc<dyn ConnectionAdapter>,
+    timers: Timers,
+    config: DriverConfig,
+}
+
+/// Whether a session goes on after an item.
+enum Flow {
+    Continue,
+    End(&'static str),
+}
+
+impl Driver {
+    /// A driver with its deadline and sweeper tasks. Needs a tokio runtime.
+    pub fn new(
+        protocol: Arc<dyn Protocol>,
+        emqx: Arc<dyn ConnectionAdapter>,
+        config: DriverConfig,
+    ) -> Arc<Self> {
+        let driver = Arc::new_cyclic(|weak: &Weak<Driver>| {
+            let weak = weak.clone();
+            let timers = Timers::start(move |conn| {
+                if let Some(d) = weak.upgrade() {
+                    d.on_deadline(conn);
+                }
+            });
+            Driver {
+                registry: Registry::default(),
+                protocol,
+                emqx,
+                timers,
+                config,
+            }
+        });
+        let weak = Arc::downgrade(&driver);
+        let period = (driver.config.idle_probe / 4).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(d) = weak.upgrade() else { break };
+                d.sweep();
+            }
+        });
+        driver
+    }
+
+    /// The sessions this driver holds.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The protocol every session speaks.
+    pub fn protocol(&self) -> &Arc<dyn Protocol> {
+        &self.protocol
+    }
+
+    /// Hands one event from EMQX to its connection, in arrival order.
+    ///
+    /// Returns once the event is queued (waiting only while the connection's
+    /// mailbox is full). `may_reorder` is set by the streaming service, where
+    /// events can overtake the conn's `OnSocketCreated`.
+    pub async fn dispatch(self: &Arc<Self>, conn: &str, event: Event, may_reorder: bool) {
+        let entry = match event {
+            Event::Created(_) => self.create(conn, event),
+            Event::Closed(_) | Event::TimerFired(_) => match self.registry.get(conn) {
+                Some(e) => {
+                    self.enqueue(&e, Item::Event(event));
+                    Some(e)
+                }
+                None => {
+                    // A close for a conn never created just drops what was
+                    // held for it; a timer for an unknown conn is ignored.
+                    if matches!(event, Event::Closed(_)) {
+                        self.registry.orphans.remove(conn);
+                    }
+                    None
+                }
+            },
+            Event::Bytes(_) | Event::Messages(_) => match self.registry.get(conn) {
+                Some(e) => {
+                    self.enqueue(&e, Item::Event(event));
+                    Some(e)
+                }
+                None if may_reorder => self.hold(conn, event),
+                None => {
+                    self.lost(conn.into());
+                    None
+                }
+            },
+            // Only the driver itself makes these.
+            Event::Deadline | Event::Reply(_) => None,
+        };
+        if let Some(entry) = entry {
+            self.wait_for_room(&entry).await;
+        }
+    }
+
+    fn create(self: &Arc<Self>, conn: &str, created: Event) -> Option<Arc<Entry>> {
+        let conn: Arc<str> = conn.into();
+        // Holding the orphan slot while registering the session makes
+        // "held events move to the session" atomic against `hold`.
+        let slot = self.registry.orphans.entry(conn.clone());
+        if self.registry.sessions.contains_key(&conn) {
+            warn!(%conn, "duplicate OnSocketCreated ignored");
+            return None;
+        }
+        let held = match slot {
+            dashmap::Entry::Occupied(o) => o.remove().events,
+            dashmap::Entry::Vacant(_) => Vec::new(),
+        };
+        // The created-wait deadline (if any) is not the session's.
+        self.timers.set(&conn, None);
+        let session = self.protocol.new_session(SessionInit {
+            random: rand::random(),
+        });
+        let entry = Arc::new(Entry::new(conn.clone(), session, self.registry.now_ms()));
+        {
+            let mut inner = entry.lock();
+            inner.queue.push_back(Item::Event(created));
+            inner.queue.extend(held.into_iter().map(Item::Event));
+        }
+        self.registry.sessions.insert(conn, entry.clone());
+        self.start_worker(&entry);
+        Some(entry)
+    }
+
+    /// Keeps an event for a conn that is not created yet, for a bounded time
+    /// and size; past either the session counts as lost.
+    fn hold(self: &Arc<Self>, conn: &str, event: Event) -> Option<Arc<Entry>> {
+        let conn: Arc<str> = conn.into();
+        let slot = self.registry.orphans.entry(conn.clone());
+        // `create` may have won the race since our lookup.
+        if let Some(e) = self.registry.get(&conn) {
+            drop(slot);
+            self.enqueue(&e, Item::Event(event));
+            return Some(e);
+        }
+        let mut slot = slot.or_default();
+        let first = slot.events.is_empty();
+        let orphan: &mut Orphan = &mut slot;
+        orphan.bytes += match &event {
+            Event::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        orphan.events.push(event);
+        let over = orphan.bytes > self.config.max_held_bytes;
+        drop(slot);
+        if over {
+            self.registry.orphans.remove(&conn);
+            self.timers.set(&conn, None);
+            self.lost(conn);
+        } else if first {
+            self.timers.set(&conn, Some(self.config.created_wait));
+        }
+        None
+    }
+
+    fn on_deadline(self: &Arc<Self>, conn: Arc<str>) {
+        if let Some(e) = self.registry.get(&conn) {
+            self.enqueue(&e, Item::Event(Event::Deadline));
+        } else if self.registry.orphans.remove(&conn).is_some() {
+            debug!(%conn, "no OnSocketCreated in time");
+            self.lost(conn);
+        }
+    }
+
+    /// Tells a client the adapter has no session for it, then closes it.
+    fn lost(self: &Arc<Self>, conn: Arc<str>) {
+        info!(%conn, "event for a connection without a session; closing it");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let bytes = this.protocol.lost_session_bytes();
+            if this.deliver(&conn, Op::Send(bytes)).await.is_ok() {
+                let _ = this.deliver(&conn, Op::Call(Call::Close)).await;
+            }
+        });
+    }
+
+    fn sweep(self: &Arc<Self>) {
+        let now = self.registry.now_ms();
+        let idle = u64::try_from(self.config.idle_probe.as_millis()).unwrap_or(u64::MAX);
+        let stale: Vec<Arc<Entry>> = self
+            .registry
+            .sessions
+            .iter()
+            .filter(|e| now.saturating_sub(e.last_event_ms()) >= idle)
+            .map(|e| e.value().clone())
+            .collect();
+        for e in stale {
+            e.touch(now);
+            self.enqueue(&e, Item::Probe);
+        }
+    }
+
+    fn enqueue(self: &Arc<Self>, entry: &Arc<Entry>, item: Item) {
+        if !matches!(item, Item::Probe) {
+            entry.touch(self.registry.now_ms());
+        }
+        let start = {
+            let mut inner = entry.lock();
+            if inner.ended {
+                return;
+            }
+            inner.queue.push_back(item);
+            !std::mem::replace(&mut inner.running, true)
+        };
+        if start {
+            self.spawn_worker(entry);
+        }
+    }
+
+    fn start_worker(self: &Arc<Self>, entry: &Arc<Entry>) {
+        let start = !std::mem::replace(&mut entry.lock().running, true);
+        if start {
+            self.spawn_worker(entry);
+        }
+    }
+
+    fn spawn_worker(self: &Arc<Self>, entry: &Arc<Entry>) {
+        let this = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move { this.work(entry).await });
+    }
+
+    async fn wait_for_room(&self, entry: &Entry) {
+        loop {
+            let notified = entry.drained().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let inner = entry.lock();
+                if inner.ended || inner.queue.len() <= self.config.max_queued_events {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The connection's worker: drains its mailbox, then parks the session.
+    async fn work(self: Arc<Self>, entry: Arc<Entry>) {
+        let Some(mut session) = entry.lock().session.take() else {
+            return;
+        };
+        let mut actions = Vec::with_capacity(8);
+        loop {
+            let item = {
+                let mut inner = entry.lock();
+                match inner.queue.pop_front() {
+                    Some(item) => item,
+                    None => {
+                        inner.session = Some(session);
+                        inner.running = false;
+                        return;
+                    }
+                }
+            };
+            entry.drained().notify_waiters();
+            if let Flow::End(why) = self
+                .process(&entry, &mut *session, item, &mut actions)
+                .await
+            {
+                self.end(&entry, why);
+                return;
+            }
+        }
+    }
+
+    fn end(&self, entry: &Arc<Entry>, why: &'static str) {
+        debug!(conn = %entry.conn, why, "session ended");
+        self.registry.remove(entry);
+        self.timers.set(&entry.conn, None);
+        {
+            let mut inner = entry.lock();
+            inner.ended = true;
+            inner.queue.clear();
+            inner.running = false;
+        }
+        entry.drained().notify_waiters();
+    }
+
+    async fn process(
+        &self,
+        entry: &Entry,
+        session: &mut dyn Session,
+        item: Item,
+        actions: &mut Vec<Action>,
+    ) -> Flow {
+        let conn = &entry.conn;
+        let event = match item {
+            Item::Probe => {
+                return match self.emqx.call(conn, Op::Send(Bytes::new())).await {
+                    Err(EmqxError::Gone) => Flow::End("gone (probe)"),
+                    _ => Flow::Continue,
+                }
+            }
+            Item::Event(e) => e,
+        };
+        let closed = matches!(event, Event::Closed(_));
+        session.handle(event, actions);
+        let mut out = BytesMut::new();
+        loop {
+            let mut call = None;
+            for action in actions.drain(..) {
+                match action {
+                    Action::Send(b) => out.extend_from_slice(&b),
+                    Action::SetDeadline(after) => self.timers.set(conn, after),
+                    Action::Call(c) => call = Some(c),
+                }
+            }
+            let Some(call) = call else { break };
+            let is_close = call == Call::Close;
+            if is_close && !out.is_empty() {
+                // What was said before closing must reach the client first.
+                if let Err(EmqxError::Gone) =
+                    self.deliver(conn, Op::Send(out.split().freeze())).await
+                {
+                    return Flow::End("gone");
+                }
+            }
+            let op = Op::Call(call);
+            let method = op.method();
+            let result = if is_close {
+                self.deliver(conn, op).await
+            } else {
+                self.emqx.call(conn, op).await
+            };
+            let reply = match result {
+                Ok(()) => CallResult::Ok,
+                Err(EmqxError::Gone) => return Flow::End("gone"),
+                Err(EmqxError::Denied(m)) => CallResult::Denied(m),
+                Err(EmqxError::Rejected { message, .. }) => CallResult::Failed(message),
+                Err(EmqxError::Unreachable(_)) => CallResult::Unreachable,
+            };
+            if reply != CallResult::Ok {
+                let level_warn = method == "StartTimer";
+                if level_warn {
+                    warn!(%conn, method, ?reply, "EMQX call failed");
+                } else {
+                    debug!(%conn, method, ?reply, "EMQX call failed");
+                }
+            }
+            session.handle(Event::Reply(reply), actions);
+        }
+        if !out.is_empty() {
+            if let Err(EmqxError::Gone) = self.deliver(conn, Op::Send(out.freeze())).await {
+                return Flow::End("gone");
+            }
+        }
+        if closed {
+            Flow::End("closed")
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// A call that must get through: retried with backoff while EMQX is
+    /// unreachable, for at most `send_retry`. Giving up drops it.
+    async fn deliver(&self, conn: &str, op: Op) -> Result<(), EmqxError> {
+        let give_up = Instant::now() + self.config.send_retry;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.emqx.call(conn, op.clone()).await {
+                Err(EmqxError::Unreachable(e)) => {
+                    if Instant::now() + backoff >= give_up {
+                        warn!(%conn, method = op.method(), error = %e, "gave up delivering to EMQX");
+                        return Err(EmqxError::Unreachable(e));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
