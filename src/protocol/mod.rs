@@ -96,10 +96,21 @@ pub enum Call {
         password: Secret,
     },
     /// EMQX's keepalive timer, in seconds (never 0).
-    StartKeepalive { interval_s: u32 },
-    Subscribe { filter: String, qos: u8 },
-    Unsubscribe { filter: String },
-    Publish { topic: String, qos: u8, payload: Bytes },
+    StartKeepalive {
+        interval_s: u32,
+    },
+    Subscribe {
+        filter: String,
+        qos: u8,
+    },
+    Unsubscribe {
+        filter: String,
+    },
+    Publish {
+        topic: String,
+        qos: u8,
+        payload: Bytes,
+    },
     /// Close the socket; bytes sent before it are delivered first.
     Close,
 }
