@@ -1,5 +1,7 @@
 //! The chat line protocol (see the README's protocol section).
 
+pub mod topic;
+
 use bytes::Bytes;
 
 use super::{Protocol, ProtocolConfig, Session, SessionInit};
