@@ -1,1 +1,328 @@
-//! Splits a byte stream into lines with a hard maximum length.
+//! Splits a byte stream into LF-terminated lines with a hard maximum length.
+//!
+//! Framing comes before parsing so that the parser only ever sees one
+//! complete line, and so that a client that never sends an LF cannot make a
+//! connection buffer without bound. Like `LinesCodec::new_with_max_length`,
+//! an over-long line is reported and skipped up to its LF, and the stream
+//! goes on; unlike it, the report comes as soon as the limit is passed, so a
+//! client that streams one endless line hears about it at once.
+//!
+//! Lines that lie within one pushed chunk are handed out as zero-copy slices
+//! of that chunk; only a line that spans chunks is copied.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// One unit the framer hands out, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A line without its LF, and without a CR right before that LF.
+    /// May be empty.
+    Line(Bytes),
+    /// A line grew past the maximum. Reported once per line, as soon as it
+    /// is passed; the rest of that line, up to and including its LF, is
+    /// dropped.
+    TooLong,
+}
+
+/// A line framer with a mandatory maximum line length.
+///
+/// Push chunks as they arrive with [`push`](Self::push), then take frames
+/// with [`next_frame`](Self::next_frame) until it returns `None`, which
+/// means "need more bytes". Chunks may be pushed at any time; frames come
+/// out in order regardless.
+#[derive(Debug)]
+pub struct LineFramer {
+    /// Longest line in bytes: every byte before the LF, a CR included, so
+    /// that a CRLF client and an LF client hit the same wall one byte apart
+    /// and the buffered bytes bound is exact.
+    max: usize,
+    /// Chunks pushed but not framed yet, oldest first. Kept whole rather
+    /// than framed eagerly so that a session that pauses (waiting for a
+    /// call's outcome) costs nothing per queued line.
+    chunks: VecDeque<Bytes>,
+    /// The start of a line whose LF has not arrived yet, copied out of
+    /// chunks already released. Never longer than `max`.
+    partial: BytesMut,
+    /// Skipping the remainder of an over-long line, up to its LF.
+    discarding: bool,
+}
+
+impl LineFramer {
+    /// A framer for lines of at most `max` bytes (LF excluded, CR included).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            chunks: VecDeque::new(),
+            partial: BytesMut::new(),
+            discarding: false,
+        }
+    }
+
+    /// The maximum line length this framer enforces.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Queues a chunk of the stream.
+    pub fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// Bytes held that have not come out as frames yet (queued chunks and
+    /// the partial line).
+    pub fn buffered(&self) -> usize {
+        self.partial.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// Drops everything buffered, e.g. once the connection is closing.
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.partial = BytesMut::new();
+        self.discarding = false;
+    }
+
+    /// The next frame, or `None` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        while let Some(chunk) = self.chunks.front_mut() {
+            let lf = memchr::memchr(b'\n', chunk);
+
+            if self.discarding {
+                match lf {
+                    Some(i) => {
+                        chunk.advance(i + 1);
+                        self.discarding = false;
+                        if chunk.is_empty() {
+                            self.chunks.pop_front();
+                        }
+                    }
+                    None => {
+                        self.chunks.pop_front();
+                    }
+                }
+                continue;
+            }
+
+            let Some(i) = lf else {
+                // No LF in this chunk: the line goes on in a later one.
+                if self.partial.len() + chunk.len() > self.max {
+                    self.chunks.pop_front();
+                    self.start_discarding();
+                    return Some(Frame::TooLong);
+                }
+                self.partial.extend_from_slice(chunk);
+                self.chunks.pop_front();
+                continue;
+            };
+
+            if self.partial.len() + i > self.max {
+                chunk.advance(i + 1);
+                if chunk.is_empty() {
+                    self.chunks.pop_front();
+                }
+                // The LF is already consumed: nothing left to discard.
+                self.partial = BytesMut::new();
+                return Some(Frame::TooLong);
+            }
+
+            let line = if self.partial.is_empty() {
+                let line = chunk.split_to(i);
+                chunk.advance(1);
+                line
+            } else {
+                self.partial.extend_from_slice(&chunk[..i]);
+                chunk.advance(i + 1);
+                // Taking the buffer hands its allocation to the line, so an
+                // idle connection does not keep a large buffer alive.
+                std::mem::take(&mut self.partial).freeze()
+            };
+            if chunk.is_empty() {
+                self.chunks.pop_front();
+            }
+            return Some(Frame::Line(strip_cr(line)));
+        }
+        None
+    }
+
+    fn start_discarding(&mut self) {
+        self.partial = BytesMut::new();
+        self.discarding = true;
+    }
+}
+
+impl Iterator for LineFramer {
+    type Item = Frame;
+
+    fn next(&mut self) -> Option<Frame> {
+        self.next_frame()
+    }
+}
+
+fn strip_cr(mut line: Bytes) -> Bytes {
+    if line.last() == Some(&b'\r') {
+        line.truncate(line.len() - 1);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn line(s: &str) -> Frame {
+        Frame::Line(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn frames_whole(max: usize, input: &[u8]) -> Vec<Frame> {
+        let mut f = LineFramer::new(max);
+        f.push(Bytes::copy_from_slice(input));
+        f.by_ref().collect()
+    }
+
+    /// Frames `input` pushed in the given pieces, draining after each push.
+    fn frames_split(max: usize, pieces: &[&[u8]]) -> Vec<Frame> {
+        let mut f = LineFramer::new(max);
+        let mut out = Vec::new();
+        for p in pieces {
+            f.push(Bytes::copy_from_slice(p));
+            out.extend(f.by_ref());
+            assert!(f.partial.len() <= max, "partial line over the maximum");
+        }
+        out
+    }
+
+    #[test]
+    fn known_answers() {
+        use Frame::TooLong;
+        let cases: &[(usize, &str, &[Frame])] = &[
+            (10, "", &[]),
+            (10, "abc", &[]),
+            (10, "abc\n", &[line("abc")]),
+            (10, "abc\r\n", &[line("abc")]),
+            (10, "\n", &[line("")]),
+            (10, "\r\n", &[line("")]),
+            (10, "a\rb\n", &[line("a\rb")]),
+            (10, "a\r\r\n", &[line("a\r")]),
+            (10, "a\nb\n\nc", &[line("a"), line("b"), line("")]),
+            // Exactly the maximum is fine, one more is not.
+            (3, "abc\n", &[line("abc")]),
+            (3, "abcd\n", &[TooLong]),
+            // The CR counts.
+            (3, "abc\r\n", &[TooLong]),
+            (3, "ab\r\n", &[line("ab")]),
+            // Reported before the LF, and the rest of the line is skipped.
+            (3, "abcdefg", &[TooLong]),
+            (3, "abcdefg\nxy\n", &[TooLong, line("xy")]),
+            (3, "abcd\nabcd\nok\n", &[TooLong, TooLong, line("ok")]),
+            (0, "\n\r\nx\n\n", &[line(""), TooLong, TooLong, line("")]),
+        ];
+        for (max, input, want) in cases {
+            assert_eq!(
+                frames_whole(*max, input.as_bytes()),
+                *want,
+                "max {max} input {input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn split_at_every_byte_matches_whole() {
+        let inputs: &[&[u8]] = &[
+            b"PING\r\nSUB a/b 1\nPUB t :hello world\r\n\r\n",
+            b"abcdefghij\nab\r\nabcdefghijklmnopqrstuvwxyz\nend\n",
+            b"abcdefgh\r\nabcdefghi\r\n\n\n",
+        ];
+        for &input in inputs {
+            for max in [0, 1, 2, 8, 9, 10, 64] {
+                let whole = frames_whole(max, input);
+                for cut in 0..=input.len() {
+                    let (a, b) = input.split_at(cut);
+                    assert_eq!(frames_split(max, &[a, b]), whole, "cut {cut} max {max}");
+                }
+                let bytes: Vec<&[u8]> = input.chunks(1).collect();
+                assert_eq!(frames_split(max, &bytes), whole, "bytewise max {max}");
+            }
+        }
+    }
+
+    #[test]
+    fn too_long_comes_before_the_lf() {
+        let mut f = LineFramer::new(4);
+        f.push(Bytes::from_static(b"abcd"));
+        assert_eq!(f.next_frame(), None);
+        f.push(Bytes::from_static(b"e"));
+        assert_eq!(f.next_frame(), Some(Frame::TooLong));
+        assert_eq!(f.buffered(), 0);
+        // An endless line costs nothing and is reported once.
+        for _ in 0..100 {
+            f.push(Bytes::from_static(b"xxxxxxxx"));
+            assert_eq!(f.next_frame(), None);
+            assert_eq!(f.buffered(), 0);
+        }
+        f.push(Bytes::from_static(b"x\nok\n"));
+        assert_eq!(f.next_frame(), Some(line("ok")));
+        assert_eq!(f.next_frame(), None);
+    }
+
+    #[test]
+    fn lines_within_a_chunk_are_not_copied() {
+        let chunk = Bytes::from_static(b"one\ntwo\r\nthr");
+        let range = chunk.as_ptr_range();
+        let mut f = LineFramer::new(100);
+        f.push(chunk.clone());
+        for want in ["one", "two"] {
+            let Some(Frame::Line(l)) = f.next_frame() else {
+                panic!("expected a line")
+            };
+            assert_eq!(&l[..], want.as_bytes());
+            assert!(range.contains(&l.as_ptr()), "{want} was copied");
+        }
+        assert_eq!(f.next_frame(), None);
+        assert_eq!(f.buffered(), 3);
+        f.push(Bytes::from_static(b"ee\n"));
+        assert_eq!(f.next_frame(), Some(line("three")));
+    }
+
+    #[test]
+    fn frames_pushed_while_paused_keep_their_order() {
+        let mut f = LineFramer::new(10);
+        f.push(Bytes::from_static(b"a\nb"));
+        assert_eq!(f.next_frame(), Some(line("a")));
+        f.push(Bytes::from_static(b"c\nd\n"));
+        f.push(Bytes::from_static(b"e\n"));
+        let rest: Vec<_> = f.collect();
+        assert_eq!(rest, vec![line("bc"), line("d"), line("e")]);
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_gives_the_same_frames(
+            input in proptest::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a'), any::<u8>()], 0..200),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+            max in 0usize..20,
+        ) {
+            let whole = frames_whole(max, &input);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+            points.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for p in points {
+                pieces.push(&input[at..p]);
+                at = p;
+            }
+            pieces.push(&input[at..]);
+            prop_assert_eq!(frames_split(max, &pieces), whole.clone());
+            for frame in whole {
+                if let Frame::Line(l) = frame {
+                    prop_assert!(l.len() <= max);
+                    prop_assert!(!l.contains(&b'\n'));
+                }
+            }
+        }
+    }
+}

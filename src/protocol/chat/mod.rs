@@ -1,4 +1,31 @@
-//! The chat line protocol (see the README's protocol section).
+//! The chat line protocol: text commands over raw TCP, one reply per line.
+//!
+//! Bytes are framed into lines ([`crate::protocol::framer`]), each line is
+//! parsed (`parser`) into a typed command (`command`), and the session
+//! (`session`) turns commands into EMQX calls and reply lines (`encode`,
+//! `escape`). Topic rules live in [`topic`], which is public because
+//! anything that routes MQTT topics can use it.
+//!
+//! Where the protocol text is silent, this implementation decides:
+//! - a wrong number of parameters answers `ERR 400 :usage: <synopsis>`;
+//! - a backslash that does not start a known escape (including `\x` not
+//!   followed by two hex digits, and a final `\`) stands for itself;
+//! - escapes apply to numbers too; a qos or count is decimal digits only,
+//!   leading zeros allowed;
+//! - spaces and tabs after the last middle parameter are ignored, while a
+//!   trailing parameter keeps everything after its `:`;
+//! - a CONNECT without a clientid (or with an empty one) authenticates as
+//!   `chat-` and 16 hex digits of the session's seed, the same on a retry;
+//! - a topic name or filter is at most 65,535 bytes (MQTT's limit);
+//! - an EMQX refusal with no text is worded `not authorized`, a failure
+//!   with no text `gateway failed`; otherwise EMQX's text is passed on.
+
+mod command;
+mod encode;
+mod escape;
+mod parser;
+mod session;
+pub mod topic;
 
 use bytes::Bytes;
 
@@ -10,6 +37,7 @@ pub struct Chat {
 }
 
 impl Chat {
+    /// A chat protocol whose sessions follow `config`'s limits and timers.
     pub fn new(config: ProtocolConfig) -> Self {
         Self { config }
     }
@@ -19,9 +47,8 @@ impl Protocol for Chat {
     fn name(&self) -> &'static str {
         "chat"
     }
-    fn new_session(&self, _init: SessionInit) -> Box<dyn Session> {
-        let _ = &self.config;
-        todo!("chat session")
+    fn new_session(&self, init: SessionInit) -> Box<dyn Session> {
+        Box::new(session::ChatSession::new(self.config.clone(), init))
     }
     fn lost_session_bytes(&self) -> Bytes {
         Bytes::from_static(b"ERR 500 :session lost, reconnect\n")

@@ -1,0 +1,1299 @@
+//! One chat connection's state machine: events in, lines and calls out.
+//!
+//! Lines are handled strictly in order, one reply each. A command that needs
+//! EMQX ends the `handle` with its [`Call`] and leaves the lines after it in
+//! the framer; the call's [`Event::Reply`] writes that command's reply and
+//! resumes with them. Replies accumulate in one buffer and leave as one
+//! [`Action::Send`] per `handle` (or one before each call), so a chunk of a
+//! thousand commands costs one send.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use super::command::{text_value, Command, Reject};
+use super::encode;
+use super::escape::unescape;
+use super::parser::{parse_line, ParseError};
+use super::topic;
+use crate::protocol::framer::{Frame, LineFramer};
+use crate::protocol::{
+    Action, Call, CallResult, Event, ProtocolConfig, Secret, Session, SessionInit, TimerKind,
+};
+
+/// Where the connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No successful CONNECT yet; the login deadline runs.
+    LoggingIn,
+    Connected,
+    /// QUIT, the login timeout or EMQX's keepalive ended it; nothing more
+    /// is said or done.
+    Closing,
+    /// The socket is gone.
+    Closed,
+}
+
+/// The call in flight, with what its reply needs.
+#[derive(Debug)]
+enum Pending {
+    Authenticate {
+        clientid: String,
+    },
+    /// Started right after a successful Authenticate; CONNECT is answered
+    /// once it returns, whatever it returns.
+    Keepalive {
+        clientid: String,
+    },
+    Subscribe {
+        filter: String,
+        qos: u8,
+    },
+    Unsubscribe {
+        filter: String,
+    },
+    /// The topic as sent (escaped), a slice of the line: publishing is the
+    /// busy path, so the reply re-reads it instead of keeping a copy.
+    Publish {
+        topic: Bytes,
+    },
+}
+
+/// The chat protocol's [`Session`].
+pub(crate) struct ChatSession {
+    config: ProtocolConfig,
+    /// Seeds the clientid of a CONNECT that names none.
+    random: u64,
+    framer: LineFramer,
+    /// Lines written but not yet handed out as an [`Action::Send`].
+    out: BytesMut,
+    phase: Phase,
+    /// Set while a call is outstanding; lines wait in the framer meanwhile.
+    pending: Option<Pending>,
+    /// The login deadline fired while a call was outstanding; it is acted
+    /// on once that call's reply is written.
+    deadline_due: bool,
+    /// HELLO went out; a repeated `Created` must not say it twice.
+    greeted: bool,
+    /// Filters held, for the per-connection limit.
+    subscriptions: HashSet<String>,
+}
+
+impl ChatSession {
+    pub(crate) fn new(config: ProtocolConfig, init: SessionInit) -> Self {
+        Self {
+            framer: LineFramer::new(config.max_line),
+            config,
+            random: init.random,
+            out: BytesMut::new(),
+            phase: Phase::LoggingIn,
+            pending: None,
+            deadline_due: false,
+            greeted: false,
+            subscriptions: HashSet::new(),
+        }
+    }
+
+    fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Closing | Phase::Closed)
+    }
+
+    /// Hands the lines written so far to the driver.
+    fn flush(&mut self, out: &mut Vec<Action>) {
+        if !self.out.is_empty() {
+            out.push(Action::Send(self.out.split().freeze()));
+        }
+    }
+
+    fn call(&mut self, call: Call, out: &mut Vec<Action>) {
+        self.flush(out);
+        out.push(Action::Call(call));
+    }
+
+    fn reject(&mut self, reject: Reject) {
+        encode::err_display(&mut self.out, reject.code(), &reject);
+    }
+
+    /// Ends the connection from our side: a last line, then Close.
+    fn close_with(&mut self, out: &mut Vec<Action>) {
+        self.phase = Phase::Closing;
+        self.pending = None;
+        self.framer.clear();
+        self.call(Call::Close, out);
+    }
+
+    /// Handles queued lines until they run out or one needs a call.
+    fn drain(&mut self, out: &mut Vec<Action>) {
+        while self.pending.is_none() && !self.is_over() {
+            let Some(frame) = self.framer.next_frame() else {
+                break;
+            };
+            let call = match frame {
+                Frame::TooLong => {
+                    self.reject(Reject::LineTooLong);
+                    None
+                }
+                Frame::Line(line) => match self.line(&line) {
+                    Ok(call) => call,
+                    Err(reject) => {
+                        self.reject(reject);
+                        None
+                    }
+                },
+            };
+            if let Some(call) = call {
+                self.call(call, out);
+                return;
+            }
+        }
+        self.flush(out);
+    }
+
+    /// One line: its reply is written, or the call it needs is returned
+    /// (with `pending` set, or the phase closing).
+    fn line(&mut self, line: &Bytes) -> Result<Option<Call>, Reject> {
+        if std::str::from_utf8(line).is_err() {
+            return Err(Reject::InvalidUtf8);
+        }
+        let parsed = match parse_line(line) {
+            Ok(parsed) => parsed,
+            Err(ParseError::Blank) => return Ok(None),
+            Err(ParseError::Malformed) => return Err(Reject::Malformed),
+        };
+        let command = Command::from_line(&parsed)?;
+        if command.needs_connection() && self.phase != Phase::Connected {
+            return Err(Reject::NotConnected);
+        }
+        match command {
+            Command::Connect {
+                clientid,
+                username,
+                password,
+            } => self.connect(clientid, username, password).map(Some),
+            Command::Sub { filter, qos } => {
+                let filter = text_value(filter, "filter")?;
+                topic::validate_filter(&filter)?;
+                if !self.subscriptions.contains(&*filter)
+                    && self.subscriptions.len() >= self.config.max_subscriptions
+                {
+                    return Err(Reject::TooManySubscriptions);
+                }
+                let filter = filter.into_owned();
+                self.pending = Some(Pending::Subscribe {
+                    filter: filter.clone(),
+                    qos,
+                });
+                Ok(Some(Call::Subscribe { filter, qos }))
+            }
+            Command::Unsub { filter } => {
+                let filter = text_value(filter, "filter")?;
+                topic::validate_filter(&filter)?;
+                let filter = filter.into_owned();
+                self.pending = Some(Pending::Unsubscribe {
+                    filter: filter.clone(),
+                });
+                Ok(Some(Call::Unsubscribe { filter }))
+            }
+            Command::Pub {
+                topic: raw_topic,
+                qos,
+                message,
+            } => {
+                let topic = text_value(raw_topic, "topic")?;
+                topic::validate_name(&topic)?;
+                let payload = match unescape(message) {
+                    Cow::Borrowed(plain) => line.slice_ref(plain),
+                    Cow::Owned(unescaped) => Bytes::from(unescaped),
+                };
+                let topic = topic.into_owned();
+                self.pending = Some(Pending::Publish {
+                    topic: line.slice_ref(raw_topic),
+                });
+                Ok(Some(Call::Publish {
+                    topic,
+                    qos,
+                    payload,
+                }))
+            }
+            Command::Ping => {
+                encode::pong(&mut self.out);
+                Ok(None)
+            }
+            Command::Help => {
+                encode::ok_help(&mut self.out);
+                Ok(None)
+            }
+            Command::Quit => {
+                encode::bye(&mut self.out);
+                self.phase = Phase::Closing;
+                self.framer.clear();
+                Ok(Some(Call::Close))
+            }
+            // Both need the presence and history service, which this
+            // adapter does not have yet.
+            Command::Who { .. } | Command::History { .. } => Err(Reject::NotEnabled),
+        }
+    }
+
+    fn connect(
+        &mut self,
+        clientid: Option<&[u8]>,
+        username: Option<&[u8]>,
+        password: Option<&[u8]>,
+    ) -> Result<Call, Reject> {
+        let clientid = clientid.map(|c| text_value(c, "clientid")).transpose()?;
+        let username = username.map(|u| text_value(u, "username")).transpose()?;
+        let password = password.map(|p| text_value(p, "password")).transpose()?;
+        if self.phase == Phase::Connected {
+            return Err(Reject::AlreadyConnected);
+        }
+        let clientid = match clientid {
+            Some(id) if !id.is_empty() => id.into_owned(),
+            // Derived from the session's seed, so a retried CONNECT keeps
+            // the same made-up id.
+            _ => format!("chat-{:016x}", self.random),
+        };
+        self.pending = Some(Pending::Authenticate {
+            clientid: clientid.clone(),
+        });
+        Ok(Call::Authenticate {
+            proto_name: "chat".to_string(),
+            proto_ver: "1".to_string(),
+            clientid,
+            username: username.map(Cow::into_owned).unwrap_or_default(),
+            password: Secret::new(password.map(Cow::into_owned).unwrap_or_default()),
+        })
+    }
+
+    /// Writes the reply of the command whose call just returned. Returns
+    /// `true` when it issued a follow-up call instead.
+    fn reply(&mut self, pending: Pending, result: CallResult, out: &mut Vec<Action>) -> bool {
+        match pending {
+            Pending::Authenticate { clientid } => {
+                if result != CallResult::Ok {
+                    self.call_failed(result, 401);
+                    return false;
+                }
+                self.phase = Phase::Connected;
+                self.deadline_due = false;
+                self.flush(out);
+                out.push(Action::SetDeadline(None));
+                match keepalive_secs(self.config.keepalive) {
+                    Some(interval_s) => {
+                        self.pending = Some(Pending::Keepalive { clientid });
+                        self.call(Call::StartKeepalive { interval_s }, out);
+                        return true;
+                    }
+                    None => encode::ok_connect(&mut self.out, &clientid),
+                }
+            }
+            // A keepalive that failed to start is the driver's to log; the
+            // client is connected either way.
+            Pending::Keepalive { clientid } => encode::ok_connect(&mut self.out, &clientid),
+            Pending::Subscribe { filter, qos } => match result {
+                CallResult::Ok => {
+                    encode::ok_sub(&mut self.out, &filter, qos);
+                    self.subscriptions.insert(filter);
+                }
+                other => self.call_failed(other, 403),
+            },
+            Pending::Unsubscribe { filter } => match result {
+                CallResult::Ok => {
+                    encode::ok_unsub(&mut self.out, &filter);
+                    self.subscriptions.remove(&filter);
+                }
+                other => self.call_failed(other, 403),
+            },
+            Pending::Publish { topic } => match result {
+                CallResult::Ok => encode::ok_pub(&mut self.out, &unescape(&topic)),
+                other => self.call_failed(other, 403),
+            },
+        }
+        false
+    }
+
+    /// The `ERR` line for a call EMQX did not carry out; `denied` is the
+    /// code for a refusal, which depends on the command.
+    fn call_failed(&mut self, result: CallResult, denied: u16) {
+        let (code, reason, fallback): (u16, &str, &str) = match &result {
+            CallResult::Denied(reason) => (denied, reason, "not authorized"),
+            CallResult::Failed(reason) => (500, reason, "gateway failed"),
+            CallResult::Unreachable => (503, "", "emqx unreachable"),
+            // Callers pass failures only; an `Ok` here would be a bug of
+            // ours, and still deserves a reply line.
+            CallResult::Ok => (500, "", "gateway failed"),
+        };
+        let reason = if reason.is_empty() { fallback } else { reason };
+        encode::err(&mut self.out, code, reason.as_bytes());
+    }
+
+    fn login_timeout(&mut self, out: &mut Vec<Action>) {
+        self.reject(Reject::LoginTimeout);
+        self.close_with(out);
+    }
+}
+
+/// EMQX's keepalive in whole seconds, rounded up so it is never 0 (which
+/// EMQX refuses); `None` when keepalive is off.
+fn keepalive_secs(keepalive: Duration) -> Option<u32> {
+    if keepalive.is_zero() {
+        return None;
+    }
+    let secs = keepalive
+        .as_secs()
+        .saturating_add(u64::from(keepalive.subsec_nanos() > 0));
+    Some(u32::try_from(secs).unwrap_or(u32::MAX))
+}
+
+impl Session for ChatSession {
+    fn handle(&mut self, event: Event, out: &mut Vec<Action>) {
+        if self.is_over() {
+            if let Event::Closed(_) = event {
+                self.phase = Phase::Closed;
+            }
+            return;
+        }
+        match event {
+            Event::Created(_) => {
+                if !self.greeted {
+                    self.greeted = true;
+                    encode::hello(&mut self.out);
+                    self.flush(out);
+                    out.push(Action::SetDeadline(Some(self.config.login_timeout)));
+                }
+            }
+            Event::Bytes(bytes) => {
+                self.framer.push(bytes);
+                if self.pending.is_none() {
+                    self.drain(out);
+                }
+            }
+            Event::Messages(messages) => {
+                for m in &messages {
+                    encode::msg(
+                        &mut self.out,
+                        m.topic.as_bytes(),
+                        m.from.as_bytes(),
+                        &m.payload,
+                    );
+                }
+                self.flush(out);
+            }
+            Event::TimerFired(TimerKind::Keepalive) => {
+                // EMQX closes the socket in the same step: nothing we send
+                // would arrive.
+                self.phase = Phase::Closing;
+                self.pending = None;
+                self.framer.clear();
+            }
+            Event::Deadline => {
+                if self.phase == Phase::LoggingIn {
+                    if self.pending.is_some() {
+                        self.deadline_due = true;
+                    } else {
+                        self.login_timeout(out);
+                    }
+                }
+            }
+            Event::Reply(result) => {
+                let Some(pending) = self.pending.take() else {
+                    return;
+                };
+                if self.reply(pending, result, out) {
+                    return;
+                }
+                if self.deadline_due && self.phase == Phase::LoggingIn {
+                    self.login_timeout(out);
+                } else {
+                    self.drain(out);
+                }
+            }
+            Event::Closed(_) => {
+                self.phase = Phase::Closed;
+                self.pending = None;
+                self.framer.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::protocol::{ConnMeta, Message};
+
+    const HELLO: &str = "HELLO chat/1 :welcome; CONNECT <clientid> [username] [password]\n";
+    const RANDOM: u64 = 0x0123_4567_89ab_cdef;
+    const MADE_UP_ID: &str = "chat-0123456789abcdef";
+
+    /// The EMQX side and the driver, scripted: every call is answered with
+    /// the next scripted result, or `Ok` when the script has run out.
+    struct Harness {
+        session: ChatSession,
+        script: VecDeque<CallResult>,
+        calls: Vec<Call>,
+        wire: Vec<u8>,
+        sends: usize,
+        deadlines: Vec<Option<Duration>>,
+    }
+
+    impl Harness {
+        fn new(config: ProtocolConfig) -> Self {
+            Self {
+                session: ChatSession::new(config, SessionInit { random: RANDOM }),
+                script: VecDeque::new(),
+                calls: Vec::new(),
+                wire: Vec::new(),
+                sends: 0,
+                deadlines: Vec::new(),
+            }
+        }
+
+        /// A session that has said HELLO, with its output taken.
+        fn created(config: ProtocolConfig) -> Self {
+            let mut h = Self::new(config);
+            h.feed(Event::Created(ConnMeta::default()));
+            assert_eq!(h.take(), HELLO);
+            h
+        }
+
+        fn connected(config: ProtocolConfig) -> Self {
+            let mut h = Self::created(config);
+            assert_eq!(h.say("CONNECT alice\n"), "OK CONNECT alice\n");
+            h.calls.clear();
+            h.deadlines.clear();
+            h
+        }
+
+        fn answer(&mut self, results: impl IntoIterator<Item = CallResult>) -> &mut Self {
+            self.script.extend(results);
+            self
+        }
+
+        /// Feeds one event, then keeps answering calls like a driver.
+        fn feed(&mut self, event: Event) {
+            let mut next = Some(event);
+            while let Some(event) = next.take() {
+                let mut out = Vec::new();
+                self.session.handle(event, &mut out);
+                let last = out.len().saturating_sub(1);
+                for (i, action) in out.into_iter().enumerate() {
+                    match action {
+                        Action::Send(bytes) => {
+                            assert!(!bytes.is_empty(), "empty send");
+                            self.wire.extend_from_slice(&bytes);
+                            self.sends += 1;
+                        }
+                        Action::SetDeadline(d) => self.deadlines.push(d),
+                        Action::Call(call) => {
+                            assert_eq!(i, last, "a call must be the last action");
+                            self.calls.push(call);
+                            let result = self.script.pop_front().unwrap_or(CallResult::Ok);
+                            next = Some(Event::Reply(result));
+                        }
+                    }
+                }
+            }
+        }
+
+        fn bytes(&mut self, bytes: &[u8]) {
+            self.feed(Event::Bytes(Bytes::copy_from_slice(bytes)));
+        }
+
+        /// Sends `input` as one chunk and returns what the client gets.
+        fn say(&mut self, input: &str) -> String {
+            self.bytes(input.as_bytes());
+            self.take()
+        }
+
+        fn take(&mut self) -> String {
+            String::from_utf8(std::mem::take(&mut self.wire)).expect("output is UTF-8")
+        }
+    }
+
+    fn config() -> ProtocolConfig {
+        ProtocolConfig::default()
+    }
+
+    fn no_keepalive() -> ProtocolConfig {
+        ProtocolConfig {
+            keepalive: Duration::ZERO,
+            ..ProtocolConfig::default()
+        }
+    }
+
+    fn denied(reason: &str) -> CallResult {
+        CallResult::Denied(reason.to_string())
+    }
+
+    fn message(topic: &str, from: &str, payload: &[u8]) -> Message {
+        Message {
+            topic: topic.to_string(),
+            from: from.to_string(),
+            payload: Bytes::copy_from_slice(payload),
+            ..Message::default()
+        }
+    }
+
+    #[test]
+    fn created_says_hello_and_arms_the_login_deadline() {
+        let mut h = Harness::new(config());
+        h.feed(Event::Created(ConnMeta::default()));
+        assert_eq!(h.take(), HELLO);
+        assert_eq!(h.sends, 1);
+        assert_eq!(h.deadlines, vec![Some(Duration::from_secs(30))]);
+        // Said once only.
+        h.feed(Event::Created(ConnMeta::default()));
+        assert_eq!(h.take(), "");
+        assert_eq!(h.deadlines.len(), 1);
+    }
+
+    #[test]
+    fn connect_authenticates_then_starts_keepalive() {
+        let mut h = Harness::created(config());
+        assert_eq!(h.say("CONNECT alice bob s3cret\n"), "OK CONNECT alice\n");
+        assert_eq!(
+            h.calls,
+            vec![
+                Call::Authenticate {
+                    proto_name: "chat".into(),
+                    proto_ver: "1".into(),
+                    clientid: "alice".into(),
+                    username: "bob".into(),
+                    password: Secret::new("s3cret"),
+                },
+                Call::StartKeepalive { interval_s: 60 },
+            ]
+        );
+        assert_eq!(h.deadlines, vec![Some(Duration::from_secs(30)), None]);
+    }
+
+    #[test]
+    fn connect_answers_only_after_the_keepalive_call_returns() {
+        let mut h = Harness::created(config());
+        let mut out = Vec::new();
+        h.session.handle(
+            Event::Bytes(Bytes::from_static(b"CONNECT a\nPING\n")),
+            &mut out,
+        );
+        assert!(matches!(
+            out.as_slice(),
+            [Action::Call(Call::Authenticate { .. })]
+        ));
+        out.clear();
+        h.session.handle(Event::Reply(CallResult::Ok), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Action::SetDeadline(None),
+                Action::Call(Call::StartKeepalive { interval_s: 60 })
+            ]
+        );
+        out.clear();
+        h.session
+            .handle(Event::Reply(CallResult::Failed("timer".into())), &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Send(Bytes::from_static(b"OK CONNECT a\nPONG\n"))]
+        );
+    }
+
+    #[test]
+    fn connect_without_a_clientid_makes_one_up() {
+        for line in ["CONNECT\n", "CONNECT :\n", "login\n", "CONNECT :  \n"] {
+            let mut h = Harness::created(no_keepalive());
+            let want = if line.contains("  ") {
+                // A clientid of spaces is a clientid.
+                "OK CONNECT \\s\\s\n".to_string()
+            } else {
+                format!("OK CONNECT {MADE_UP_ID}\n")
+            };
+            assert_eq!(h.say(line), want, "{line:?}");
+            let Some(Call::Authenticate {
+                clientid,
+                username,
+                password,
+                ..
+            }) = h.calls.first()
+            else {
+                panic!("no Authenticate for {line:?}")
+            };
+            assert_eq!(username, "");
+            assert_eq!(password.expose(), "");
+            assert!(!clientid.is_empty());
+        }
+    }
+
+    #[test]
+    fn connect_values_are_unescaped_and_checked() {
+        let mut h = Harness::created(no_keepalive());
+        assert_eq!(
+            h.say("CONNECT a\\sb \\x3Au :p\\x41ss word\n"),
+            "OK CONNECT a\\sb\n"
+        );
+        assert_eq!(
+            h.calls,
+            vec![Call::Authenticate {
+                proto_name: "chat".into(),
+                proto_ver: "1".into(),
+                clientid: "a b".into(),
+                username: ":u".into(),
+                password: Secret::new("pAss word"),
+            }]
+        );
+        let mut h = Harness::created(no_keepalive());
+        assert_eq!(
+            h.say("CONNECT a\\x00\nCONNECT a \\xFF\nCONNECT a b \\x00\n"),
+            "ERR 400 :clientid must be utf-8 without NUL\n\
+             ERR 400 :username must be utf-8 without NUL\n\
+             ERR 400 :password must be utf-8 without NUL\n"
+        );
+        assert!(h.calls.is_empty());
+    }
+
+    #[test]
+    fn keepalive_is_whole_seconds_rounded_up_or_off() {
+        assert_eq!(keepalive_secs(Duration::ZERO), None);
+        assert_eq!(keepalive_secs(Duration::from_millis(1)), Some(1));
+        assert_eq!(keepalive_secs(Duration::from_millis(1500)), Some(2));
+        assert_eq!(keepalive_secs(Duration::from_secs(60)), Some(60));
+        assert_eq!(keepalive_secs(Duration::MAX), Some(u32::MAX));
+
+        let mut h = Harness::created(no_keepalive());
+        assert_eq!(h.say("CONNECT a\n"), "OK CONNECT a\n");
+        assert_eq!(h.calls.len(), 1);
+        assert_eq!(h.deadlines.last(), Some(&None));
+
+        let mut h = Harness::created(ProtocolConfig {
+            keepalive: Duration::from_millis(200),
+            ..config()
+        });
+        h.say("CONNECT a\n");
+        assert_eq!(h.calls[1], Call::StartKeepalive { interval_s: 1 });
+    }
+
+    #[test]
+    fn a_refused_connect_grants_nothing_and_may_be_retried() {
+        let mut h = Harness::created(config());
+        h.answer([denied("<<\"not_authorized\">>")]);
+        assert_eq!(
+            h.say("CONNECT alice alice wrong\n"),
+            "ERR 401 :<<\"not_authorized\">>\n"
+        );
+        // The login deadline is neither cancelled nor restarted.
+        assert_eq!(h.deadlines, vec![Some(Duration::from_secs(30))]);
+        assert_eq!(h.say("SUB a\n"), "ERR 401 :not connected\n");
+        h.answer([denied("")]);
+        assert_eq!(h.say("CONNECT\n"), "ERR 401 :not authorized\n");
+        h.answer([CallResult::Unreachable]);
+        assert_eq!(h.say("CONNECT a\n"), "ERR 503 :emqx unreachable\n");
+        h.answer([CallResult::Failed("{error,'UNKNOWN'}".into())]);
+        assert_eq!(h.say("CONNECT a\n"), "ERR 500 :{error,'UNKNOWN'}\n");
+        assert_eq!(h.say("CONNECT alice alice right\n"), "OK CONNECT alice\n");
+        assert_eq!(h.deadlines, vec![Some(Duration::from_secs(30)), None]);
+        assert_eq!(h.say("SUB a\n"), "OK SUB a 0\n");
+        // The made-up id stays the same across retries.
+        let ids: Vec<_> = h
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Authenticate { clientid, .. } => Some(clientid.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, vec!["alice", MADE_UP_ID, "a", "a", "alice"]);
+    }
+
+    #[test]
+    fn the_login_deadline_closes_a_connection_that_never_connected() {
+        let mut h = Harness::created(config());
+        h.say("PING\n");
+        h.feed(Event::Deadline);
+        assert_eq!(h.take(), "ERR 408 :login timeout\n");
+        assert_eq!(h.calls, vec![Call::Close]);
+        // Everything after is ignored.
+        assert_eq!(h.say("CONNECT a\nPING\n"), "");
+        h.feed(Event::Deadline);
+        h.feed(Event::Messages(vec![message("t", "", b"x")]));
+        h.feed(Event::Closed("{shutdown,normal}".into()));
+        assert_eq!(h.take(), "");
+        assert_eq!(h.calls, vec![Call::Close]);
+    }
+
+    #[test]
+    fn the_login_deadline_does_nothing_once_connected() {
+        let mut h = Harness::connected(config());
+        h.feed(Event::Deadline);
+        assert_eq!(h.take(), "");
+        assert!(h.calls.is_empty());
+        assert_eq!(h.say("PING\n"), "PONG\n");
+    }
+
+    #[test]
+    fn a_deadline_during_a_call_waits_for_its_reply() {
+        // Not expected from a driver that keeps the contract, but handled.
+        let mut h = Harness::created(config());
+        let mut out = Vec::new();
+        h.session.handle(
+            Event::Bytes(Bytes::from_static(b"CONNECT a\nPING\n")),
+            &mut out,
+        );
+        out.clear();
+        h.session.handle(Event::Deadline, &mut out);
+        assert!(out.is_empty());
+        h.session.handle(Event::Reply(denied("no")), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Action::Send(Bytes::from_static(b"ERR 401 :no\nERR 408 :login timeout\n")),
+                Action::Call(Call::Close)
+            ]
+        );
+
+        // A deadline beaten by a successful CONNECT is void.
+        let mut h = Harness::created(no_keepalive());
+        let mut out = Vec::new();
+        h.session.handle(
+            Event::Bytes(Bytes::from_static(b"CONNECT a\nPING\n")),
+            &mut out,
+        );
+        h.session.handle(Event::Deadline, &mut out);
+        out.clear();
+        h.session.handle(Event::Reply(CallResult::Ok), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Action::SetDeadline(None),
+                Action::Send(Bytes::from_static(b"OK CONNECT a\nPONG\n"))
+            ]
+        );
+    }
+
+    /// Every command in every state: before CONNECT, after a refused
+    /// CONNECT, once connected, after QUIT.
+    #[test]
+    fn every_command_in_every_state() {
+        // (line, before CONNECT (also after a refused one), connected)
+        let not_connected = "ERR 401 :not connected\n";
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "CONNECT x",
+                "OK CONNECT x\n",
+                "ERR 409 :already connected\n",
+            ),
+            ("LOGIN x", "OK CONNECT x\n", "ERR 409 :already connected\n"),
+            ("SUB a/b", not_connected, "OK SUB a/b 0\n"),
+            ("SUB a/b 2", not_connected, "OK SUB a/b 2\n"),
+            ("UNSUB a/b", not_connected, "OK UNSUB a/b\n"),
+            ("PUB a/b :hi there", not_connected, "OK PUB a/b\n"),
+            ("PING", "PONG\n", "PONG\n"),
+            ("WHO", not_connected, "ERR 501 :not enabled\n"),
+            ("WHO al", not_connected, "ERR 501 :not enabled\n"),
+            ("HISTORY a/b", not_connected, "ERR 501 :not enabled\n"),
+            ("HISTORY a/b 5", not_connected, "ERR 501 :not enabled\n"),
+            // 400s come first in every state.
+            (
+                "NOPE",
+                "ERR 400 :unknown command\n",
+                "ERR 400 :unknown command\n",
+            ),
+            ("PING x", "ERR 400 :usage: PING\n", "ERR 400 :usage: PING\n"),
+            (
+                "SUB a 3",
+                "ERR 400 :qos must be 0, 1 or 2\n",
+                "ERR 400 :qos must be 0, 1 or 2\n",
+            ),
+            (
+                "HISTORY t 0",
+                "ERR 400 :count must be 1 to 100\n",
+                "ERR 400 :count must be 1 to 100\n",
+            ),
+            (
+                "UNSUB",
+                "ERR 400 :usage: UNSUB filter\n",
+                "ERR 400 :usage: UNSUB filter\n",
+            ),
+            // Topic rules are a command's own check: after 401 and 501.
+            (
+                "SUB a/#/b",
+                not_connected,
+                "ERR 400 :'+' and '#' must fill a whole level, and '#' must be last\n",
+            ),
+            (
+                "UNSUB a+",
+                not_connected,
+                "ERR 400 :'+' and '#' must fill a whole level, and '#' must be last\n",
+            ),
+            (
+                "PUB a/+ :x",
+                not_connected,
+                "ERR 400 :a topic name takes no '+' or '#'\n",
+            ),
+            ("HISTORY a/+", not_connected, "ERR 501 :not enabled\n"),
+            (
+                "SUB a\\x00",
+                not_connected,
+                "ERR 400 :filter must be utf-8 without NUL\n",
+            ),
+            (
+                "PUB \\xC3 :x",
+                not_connected,
+                "ERR 400 :topic must be utf-8 without NUL\n",
+            ),
+            // Values before 409.
+            (
+                "CONNECT \\x00",
+                "ERR 400 :clientid must be utf-8 without NUL\n",
+                "ERR 400 :clientid must be utf-8 without NUL\n",
+            ),
+        ];
+        for &(line, before, connected) in cases {
+            let input = format!("{line}\n");
+            let mut fresh = Harness::created(no_keepalive());
+            assert_eq!(fresh.say(&input), before, "{line} before CONNECT");
+
+            let mut refused = Harness::created(no_keepalive());
+            refused.answer([denied("no")]);
+            assert_eq!(refused.say("CONNECT r\n"), "ERR 401 :no\n");
+            assert_eq!(
+                refused.say(&input),
+                before,
+                "{line} after a refused CONNECT"
+            );
+
+            let mut on = Harness::connected(no_keepalive());
+            assert_eq!(on.say(&input), connected, "{line} when connected");
+
+            for mut h in [fresh, refused, on] {
+                assert_eq!(h.say("QUIT\n"), "BYE\n");
+                assert_eq!(h.say(&input), "", "{line} after QUIT");
+            }
+        }
+        // HELP and QUIT answer alike everywhere.
+        for mut h in [
+            Harness::created(no_keepalive()),
+            Harness::connected(no_keepalive()),
+        ] {
+            let help = h.say("help\n");
+            assert!(help.starts_with("OK HELP :CONNECT"), "{help}");
+            assert_eq!(h.say("QUIT :see you\n"), "BYE\n");
+            assert_eq!(h.calls.last(), Some(&Call::Close));
+            assert_eq!(h.say("HELP\n"), "");
+        }
+    }
+
+    #[test]
+    fn calls_carry_the_unescaped_values() {
+        let mut h = Harness::connected(no_keepalive());
+        assert_eq!(
+            h.say("SUB a\\sb/+ 1\nUNSUB \\x3Ax\nPUB \\x3At 2 :hi\\x00\\xFF\\n\n"),
+            "OK SUB a\\sb/+ 1\nOK UNSUB \\x3Ax\nOK PUB \\x3At\n"
+        );
+        assert_eq!(
+            h.calls,
+            vec![
+                Call::Subscribe {
+                    filter: "a b/+".into(),
+                    qos: 1
+                },
+                Call::Unsubscribe {
+                    filter: ":x".into()
+                },
+                Call::Publish {
+                    topic: ":t".into(),
+                    qos: 2,
+                    payload: Bytes::from_static(b"hi\0\xff\n"),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn pub_parameter_rules() {
+        let mut h = Harness::connected(no_keepalive());
+        h.say("PUB t 1\nPUB t 1 :hi\nPUB t 1 hi\nPUB t :\nPUB t hello world\nPUB t\n");
+        let published: Vec<_> = h
+            .calls
+            .iter()
+            .map(|c| match c {
+                Call::Publish { qos, payload, .. } => (*qos, payload.clone()),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            published,
+            vec![
+                (0, Bytes::from_static(b"1")),
+                (1, Bytes::from_static(b"hi")),
+                (1, Bytes::from_static(b"hi")),
+                (0, Bytes::new()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_plain_payload_is_not_copied() {
+        let mut h = Harness::connected(no_keepalive());
+        let chunk = Bytes::from_static(b"PUB t :payload\n");
+        let range = chunk.as_ptr_range();
+        h.feed(Event::Bytes(chunk));
+        let Some(Call::Publish { payload, .. }) = h.calls.first() else {
+            panic!("no publish")
+        };
+        assert_eq!(&payload[..], b"payload");
+        assert!(range.contains(&payload.as_ptr()));
+    }
+
+    #[test]
+    fn emqx_refusals_map_to_codes() {
+        let mut h = Harness::connected(no_keepalive());
+        h.answer([
+            denied("Authorization deny"),
+            CallResult::Unreachable,
+            CallResult::Failed("".into()),
+            denied(""),
+            CallResult::Failed("boom\r\n".into()),
+        ]);
+        assert_eq!(
+            h.say("SUB a\nSUB a\nUNSUB a\nPUB a :x\nPUB a :x\n"),
+            "ERR 403 :Authorization deny\n\
+             ERR 503 :emqx unreachable\n\
+             ERR 500 :gateway failed\n\
+             ERR 403 :not authorized\n\
+             ERR 500 :boom\\r\\n\n"
+        );
+    }
+
+    #[test]
+    fn the_subscription_limit_counts_distinct_filters_held() {
+        let mut h = Harness::connected(ProtocolConfig {
+            max_subscriptions: 2,
+            ..no_keepalive()
+        });
+        assert_eq!(h.say("SUB a\nSUB b\n"), "OK SUB a 0\nOK SUB b 0\n");
+        assert_eq!(h.say("SUB c\n"), "ERR 429 :too many subscriptions\n");
+        // Topic rules come before the limit.
+        assert_eq!(
+            h.say("SUB c#\n"),
+            "ERR 400 :'+' and '#' must fill a whole level, and '#' must be last\n"
+        );
+        // Subscribing again to a held filter takes no new place.
+        assert_eq!(h.say("SUB a 1\n"), "OK SUB a 1\n");
+        // A failed UNSUB frees nothing, a successful one frees a place.
+        h.answer([denied("no")]);
+        assert_eq!(
+            h.say("UNSUB a\nSUB c\n"),
+            "ERR 403 :no\nERR 429 :too many subscriptions\n"
+        );
+        assert_eq!(h.say("UNSUB a\nSUB c\n"), "OK UNSUB a\nOK SUB c 0\n");
+        // A failed SUB takes no place.
+        assert_eq!(h.say("UNSUB c\n"), "OK UNSUB c\n");
+        h.answer([denied("no")]);
+        assert_eq!(h.say("SUB d\nSUB e\n"), "ERR 403 :no\nOK SUB e 0\n");
+        assert_eq!(h.say("SUB f\n"), "ERR 429 :too many subscriptions\n");
+        let subscribes = h
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::Subscribe { .. }))
+            .count();
+        assert_eq!(subscribes, 6);
+    }
+
+    #[test]
+    fn replies_keep_command_order_around_calls() {
+        let mut h = Harness::connected(no_keepalive());
+        assert_eq!(
+            h.say("PING\nSUB a\nPING\nPUB a :x\nHELP x\nUNSUB a\nPING\n"),
+            "PONG\nOK SUB a 0\nPONG\nOK PUB a\nERR 400 :usage: HELP\nOK UNSUB a\nPONG\n"
+        );
+
+        // Lines after a call wait for its reply.
+        let mut h = Harness::connected(no_keepalive());
+        let mut out = Vec::new();
+        h.session.handle(
+            Event::Bytes(Bytes::from_static(b"PING\nSUB a\nPING\nNOPE")),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                Action::Send(Bytes::from_static(b"PONG\n")),
+                Action::Call(Call::Subscribe {
+                    filter: "a".into(),
+                    qos: 0
+                })
+            ]
+        );
+        out.clear();
+        h.session.handle(Event::Reply(CallResult::Ok), &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Send(Bytes::from_static(b"OK SUB a 0\nPONG\n"))]
+        );
+        out.clear();
+        h.session
+            .handle(Event::Bytes(Bytes::from_static(b"\n")), &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Send(Bytes::from_static(
+                b"ERR 400 :unknown command\n"
+            ))]
+        );
+    }
+
+    #[test]
+    fn a_thousand_pings_in_one_chunk_make_one_send() {
+        let mut h = Harness::connected(config());
+        let sends = h.sends;
+        let reply = h.say(&"PING\r\n".repeat(1000));
+        assert_eq!(h.sends - sends, 1);
+        assert_eq!(reply, "PONG\n".repeat(1000));
+    }
+
+    #[test]
+    fn over_long_lines_get_413_in_their_place() {
+        let small = ProtocolConfig {
+            max_line: 8,
+            ..no_keepalive()
+        };
+        let mut h = Harness::created(small.clone());
+        assert_eq!(
+            h.say("PING\nPING 123456789\nPING\n"),
+            "PONG\nERR 413 :line too long\nPONG\n"
+        );
+        // Exactly the limit is a line; the CR counts.
+        assert_eq!(h.say("PING   :\n"), "ERR 400 :usage: PING\n");
+        assert_eq!(h.say("PING    \r\n"), "ERR 413 :line too long\n");
+        // Reported before any LF, once, and the stream goes on.
+        assert_eq!(h.say("123456789"), "ERR 413 :line too long\n");
+        assert_eq!(h.say("0123456789".repeat(100).as_str()), "");
+        assert_eq!(h.say("end\nPING\n"), "PONG\n");
+        // Lines after a call wait behind it, a 413 included.
+        let mut h = Harness::created(ProtocolConfig {
+            max_line: 9,
+            ..small
+        });
+        assert_eq!(h.say("CONNECT a\n"), "OK CONNECT a\n");
+        assert_eq!(
+            h.say("SUB a\n1234567890\nPING\n"),
+            "OK SUB a 0\nERR 413 :line too long\nPONG\n"
+        );
+    }
+
+    #[test]
+    fn blank_lines_are_ignored_and_bad_utf8_is_400() {
+        let mut h = Harness::created(no_keepalive());
+        assert_eq!(h.say("\n\r\n  \t \r\n\t\n"), "");
+        assert_eq!(h.say("  \tping\t \r\n"), "PONG\n");
+        assert_eq!(h.sends, 2);
+        assert_eq!(
+            h.say("PUB t :\u{e9}\nPING\n"),
+            "ERR 401 :not connected\nPONG\n"
+        );
+        h.bytes(b"PING \xff\nPING\n");
+        assert_eq!(h.take(), "ERR 400 :invalid utf-8\nPONG\n");
+        h.bytes(b"\xc3\n");
+        assert_eq!(h.take(), "ERR 400 :invalid utf-8\n");
+    }
+
+    #[test]
+    fn messages_become_msg_lines_in_order() {
+        let mut h = Harness::connected(no_keepalive());
+        let sends = h.sends;
+        h.feed(Event::Messages(vec![
+            message("chat/lobby", "alice", b"hello everyone"),
+            message("a b", "", b"line1\nline2"),
+            message("t", "-", b"\x00\xff"),
+        ]));
+        assert_eq!(
+            h.take(),
+            "MSG chat/lobby alice :hello everyone\n\
+             MSG a\\sb - :line1\\nline2\n\
+             MSG t \\x2D :\\x00\\xFF\n"
+        );
+        assert_eq!(h.sends - sends, 1, "one send for the batch");
+        h.feed(Event::Messages(Vec::new()));
+        assert_eq!(h.sends - sends, 1);
+    }
+
+    #[test]
+    fn quit_ends_everything() {
+        let mut h = Harness::connected(no_keepalive());
+        assert_eq!(h.say("PING\nQUIT :bye now\nPING\nSUB a\n"), "PONG\nBYE\n");
+        assert_eq!(h.calls, vec![Call::Close]);
+        h.feed(Event::Messages(vec![message("t", "x", b"y")]));
+        h.feed(Event::Deadline);
+        h.feed(Event::Reply(CallResult::Ok));
+        h.feed(Event::TimerFired(TimerKind::Keepalive));
+        h.feed(Event::Closed("{shutdown,normal}".into()));
+        h.feed(Event::Bytes(Bytes::from_static(b"PING\n")));
+        assert_eq!(h.take(), "");
+        assert_eq!(h.calls, vec![Call::Close]);
+    }
+
+    #[test]
+    fn keepalive_timeout_and_close_silence_the_session() {
+        let mut h = Harness::connected(config());
+        h.feed(Event::TimerFired(TimerKind::Keepalive));
+        assert_eq!(h.say("PING\n"), "");
+        h.feed(Event::Messages(vec![message("t", "x", b"y")]));
+        assert_eq!(h.take(), "");
+        assert!(h.calls.is_empty());
+
+        let mut h = Harness::created(config());
+        h.feed(Event::Closed("{shutdown,tcp_closed}".into()));
+        h.feed(Event::Deadline);
+        assert_eq!(h.say("PING\n"), "");
+        assert!(h.calls.is_empty());
+    }
+
+    #[test]
+    fn a_reply_without_a_call_is_ignored() {
+        let mut h = Harness::created(config());
+        h.feed(Event::Reply(CallResult::Ok));
+        h.feed(Event::Reply(denied("x")));
+        assert_eq!(h.take(), "");
+        assert_eq!(h.say("SUB a\n"), "ERR 401 :not connected\n");
+    }
+
+    /// A session of commands that touch every path, for split tests.
+    const SCRIPT: &[u8] = b"  ping\r\nHELP\nNOPE x\nSUB a\n\
+        CONNECT alice u p\r\nCONNECT bob\nSUB a/+ 1\nSUB \\x3Ab\n\
+        PUB a/b 1 :hello\\sworld \\x00\nPUB a/b :\n\n \t\nUNSUB a/+\n\
+        PUB a/b 1 :this line is far too long for the limit\nWHO\n\
+        HISTORY a/b 3\nPING :\nPUB\xff\nSUB #\nSUB x\nSUB y\nPING\nQUIT :done\nPING\n";
+
+    fn run_split(pieces: &[&[u8]]) -> (String, Vec<Call>, usize) {
+        let mut h = Harness::created(ProtocolConfig {
+            max_line: 40,
+            max_subscriptions: 2,
+            ..config()
+        });
+        h.answer([
+            CallResult::Ok,
+            CallResult::Ok,
+            CallResult::Ok,
+            denied("Authorization deny"),
+        ]);
+        for p in pieces {
+            h.bytes(p);
+        }
+        let wire = h.take();
+        (wire, h.calls, h.sends)
+    }
+
+    #[test]
+    fn chunks_split_at_every_byte_give_the_same_output() {
+        let input = SCRIPT;
+        let (whole, calls, _) = run_split(&[input]);
+        assert_eq!(
+            whole,
+            "PONG\nOK HELP :CONNECT [clientid [username [password]]] (alias LOGIN); \
+             SUB filter [qos]; UNSUB filter; PUB topic [qos] :message; PING; HELP; \
+             QUIT [:reason]; WHO [prefix]; HISTORY topic [n]\n\
+             ERR 400 :unknown command\nERR 401 :not connected\n\
+             OK CONNECT alice\nERR 409 :already connected\nOK SUB a/+ 1\n\
+             ERR 403 :Authorization deny\nOK PUB a/b\nOK PUB a/b\nOK UNSUB a/+\n\
+             ERR 413 :line too long\nERR 501 :not enabled\nERR 501 :not enabled\n\
+             ERR 400 :usage: PING\nERR 400 :invalid utf-8\nOK SUB # 0\nOK SUB x 0\n\
+             ERR 429 :too many subscriptions\nPONG\nBYE\n"
+        );
+        assert_eq!(calls.len(), 10);
+        assert_eq!(calls.last(), Some(&Call::Close));
+        for cut in 0..=input.len() {
+            let (a, b) = input.split_at(cut);
+            let (wire, c, _) = run_split(&[a, b]);
+            assert_eq!(
+                (wire.as_str(), &c),
+                (whole.as_str(), &calls),
+                "cut at {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        let (wire, c, _) = run_split(&bytes);
+        assert_eq!((wire, c), (whole, calls));
+    }
+
+    fn arbitrary_result() -> impl Strategy<Value = CallResult> {
+        prop_oneof![
+            3 => Just(CallResult::Ok),
+            1 => Just(CallResult::Unreachable),
+            1 => ".{0,8}".prop_map(CallResult::Denied),
+            1 => ".{0,8}".prop_map(CallResult::Failed),
+        ]
+    }
+
+    fn arbitrary_event() -> impl Strategy<Value = Event> {
+        const WORDS: &[&[u8]] = &[
+            b"CONNECT", b"SUB", b"UNSUB", b"PUB", b"PING", b"QUIT", b"WHO", b"HISTORY", b" ", b":",
+            b"\\", b"\r\n", b"\n", b"1", b"a/+",
+        ];
+        let word = proptest::sample::select(WORDS);
+        let chunk = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..40),
+            proptest::collection::vec(word, 0..16).prop_map(|w| w.concat()),
+        ];
+        prop_oneof![
+            8 => chunk.prop_map(|c| Event::Bytes(Bytes::from(c))),
+            1 => Just(Event::Deadline),
+            1 => Just(Event::TimerFired(TimerKind::Keepalive)),
+            1 => Just(Event::Closed(String::new())),
+            1 => arbitrary_result().prop_map(Event::Reply),
+            1 => proptest::collection::vec(any::<u8>(), 0..8)
+                .prop_map(|p| Event::Messages(vec![message("t", "f", &p)])),
+        ]
+    }
+
+    proptest! {
+        /// Arbitrary events (contract-breaking ones included) never panic
+        /// the session, and every reply is one well-formed line.
+        #[test]
+        fn arbitrary_events_never_panic(
+            events in proptest::collection::vec(arbitrary_event(), 0..24),
+            results in proptest::collection::vec(arbitrary_result(), 0..8),
+            max_line in 0usize..64,
+        ) {
+            let mut h = Harness::new(ProtocolConfig { max_line, max_subscriptions: 2, ..config() });
+            h.feed(Event::Created(ConnMeta::default()));
+            h.answer(results);
+            for event in events {
+                h.feed(event);
+            }
+            let wire = h.take();
+            prop_assert!(wire.is_empty() || wire.ends_with('\n'));
+            for line in wire.lines() {
+                let verb = line.split(' ').next().unwrap_or_default();
+                prop_assert!(
+                    ["HELLO", "OK", "ERR", "PONG", "BYE", "MSG"].contains(&verb),
+                    "unexpected line {:?}", line
+                );
+            }
+        }
+
+        /// Splitting the input anywhere changes nothing.
+        #[test]
+        fn any_split_gives_the_same_output(
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let input = SCRIPT;
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+            points.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for p in points {
+                pieces.push(&input[at..p]);
+                at = p;
+            }
+            pieces.push(&input[at..]);
+            let (whole, calls, _) = run_split(&[input]);
+            let (wire, c, _) = run_split(&pieces);
+            prop_assert_eq!((wire, c), (whole, calls));
+        }
+    }
+}
