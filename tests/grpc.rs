@@ -93,9 +93,12 @@ async fn a_thousand_lines_in_one_chunk_are_few_sends() {
 
     // Around EMQX calls the order forces no extra Send either: one event,
     // one Send.
-    h.bytes("c", "CONNECT x\nPING\nSUB t\nPING\n".repeat(1)).await;
+    h.bytes("c", "CONNECT x\nPING\nSUB t\nPING\n").await;
     let lines = h.emqx.lines("c", 1005).await;
-    assert_eq!(&lines[1001..], ["OK CONNECT x", "PONG", "OK SUB t 0", "PONG"]);
+    assert_eq!(
+        &lines[1001..],
+        ["OK CONNECT x", "PONG", "OK SUB t 0", "PONG"]
+    );
     assert_eq!(h.emqx.sends("c"), 3);
 }
 

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use exproto_adapter::pb::connection_adapter_server::{
-    ConnectionAdapter, ConnectionAdapterServer,
-};
+use exproto_adapter::pb::connection_adapter_server::{ConnectionAdapter, ConnectionAdapterServer};
 use exproto_adapter::pb::connection_handler_client::ConnectionHandlerClient;
 use exproto_adapter::pb::connection_unary_handler_client::ConnectionUnaryHandlerClient;
 use exproto_adapter::pb::{self, CodeResponse, ResultCode};
@@ -117,11 +115,20 @@ impl FakeEmqx {
     }
 
     pub fn calls_for(&self, conn: &str) -> Vec<Recorded> {
-        self.calls().into_iter().filter(|c| c.conn == conn).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.conn == conn)
+            .collect()
     }
 
     pub fn sends(&self, conn: &str) -> usize {
-        self.state.lock().unwrap().sends.get(conn).copied().unwrap_or(0)
+        self.state
+            .lock()
+            .unwrap()
+            .sends
+            .get(conn)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn sent(&self, conn: &str) -> Vec<u8> {
@@ -147,7 +154,10 @@ impl FakeEmqx {
                 notified.await;
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), wait).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .is_err()
+        {
             let s = self.state.lock().unwrap();
             panic!(
                 "timed out waiting for {what}; calls: {:#?}; sent: {:?}",
