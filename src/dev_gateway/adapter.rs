@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
+use super::auth::Secret;
 use super::codes;
 use super::conn::ConnCmd;
 use super::faults::{Fault, Method};
@@ -119,7 +120,7 @@ impl ConnectionAdapter for AdapterService {
         if clientinfo.proto_name.is_empty() || clientinfo.proto_ver.is_empty() {
             return ok(codes::required_params_missed());
         }
-        let password = req.password;
+        let password = Secret::new(req.password);
         ok(self
             .call(&req.conn, |reply| ConnCmd::Authenticate {
                 clientinfo,

@@ -122,6 +122,8 @@ pub enum DenyAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenyRule {
     pub action: DenyAction,
+    /// Topics it covers: a publish topic, or a subscription filter taken
+    /// word by word (EMQX's ACL matching).
     pub filter: String,
 }
 

@@ -33,6 +33,8 @@ pub struct GatewayConfig {
     pub adapter_listen: SocketAddr,
     /// The adapter's handler service (`gateway.exproto.handler.address`).
     pub handler: String,
+    /// EMQX's `handler.service_name`: the adapter serves both, and must
+    /// cope with either.
     pub handler_mode: HandlerMode,
     /// Stream mode only: send a connection's first bytes before its
     /// `OnSocketCreated`, the reordering EMQX's streams allow, so the
@@ -196,7 +198,12 @@ pub struct GatewayArgs {
     /// `mqtt://[user[:password]@]host[:port]`, one MQTT session per
     /// authenticated connection, so MQTT clients and chat clients see each
     /// other. Without it, pub/sub stays inside the gateway.
-    #[arg(long, env = "EXPROTO_GATEWAY_MQTT", value_name = "URL")]
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_MQTT",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub mqtt: Option<String>,
 
     /// Node name reported in every delivered message.
@@ -353,6 +360,27 @@ mod tests {
     #[test]
     fn bad_deny_rule_is_a_parse_error() {
         assert!(Cli::try_parse_from(["x", "--deny", "nope"]).is_err());
+    }
+
+    #[test]
+    fn help_explains_every_flag_and_its_env_var() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "listen",
+            "adapter-listen",
+            "handler",
+            "handler-service",
+            "created-late",
+            "idle-timeout",
+            "users",
+            "deny",
+            "mqtt",
+        ] {
+            assert!(help.contains(&format!("--{flag}")), "--{flag}");
+            let env = format!("EXPROTO_GATEWAY_{}", flag.replace('-', "_").to_uppercase());
+            assert!(help.contains(&env), "{env}");
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use super::auth::Secret;
 use super::codes;
 use super::handler::{ConnStreams, HandlerError, HandlerEvent, StreamFailure};
 use super::mqtt::{MqttSession, SubscribeError};
@@ -72,7 +73,7 @@ pub(crate) enum ConnCmd {
     },
     Authenticate {
         clientinfo: pb::ClientInfo,
-        password: String,
+        password: Secret,
         reply: Reply,
     },
     StartTimer {
@@ -568,7 +569,7 @@ impl Conn {
                 password,
                 reply,
             } => {
-                let res = self.authenticate(clientinfo, &password).await;
+                let res = self.authenticate(clientinfo, password.expose()).await;
                 let _ = reply.send(res);
             }
             ConnCmd::StartTimer { interval, reply } => {

@@ -221,3 +221,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     drop(listener);
     while conns.join_next().await.is_some() {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_handles_can_cross_tasks() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<DevGateway>();
+        check::<Faults>();
+        check::<GatewayConfig>();
+    }
+}

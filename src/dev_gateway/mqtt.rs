@@ -158,10 +158,13 @@ impl MqttSession {
             user_properties: vec![(FROM_PROPERTY.to_owned(), from.to_owned())],
             ..PublishProperties::default()
         };
-        self.client
-            .publish_with_properties(topic, qos, false, payload, props)
-            .await
-            .map_err(|e| e.to_string())
+        let publish = self
+            .client
+            .publish_with_properties(topic, qos, false, payload, props);
+        match tokio::time::timeout(MQTT_TIMEOUT, publish).await {
+            Ok(res) => res.map_err(|e| e.to_string()),
+            Err(_) => Err("MQTT session stalled".to_owned()),
+        }
     }
 
     pub async fn subscribe(&self, filter: &str, qos: u32) -> Result<(), SubscribeError> {
@@ -173,12 +176,17 @@ impl MqttSession {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push_back(tx);
-        if let Err(e) = self.client.subscribe(filter, qos).await {
+        let request = tokio::time::timeout(MQTT_TIMEOUT, self.client.subscribe(filter, qos));
+        let sent = match request.await {
+            Ok(res) => res.map_err(|e| e.to_string()),
+            Err(_) => Err("MQTT session stalled".to_owned()),
+        };
+        if let Err(e) = sent {
             self.waiters
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop_back();
-            return Err(SubscribeError::Failed(e.to_string()));
+            return Err(SubscribeError::Failed(e));
         }
         match tokio::time::timeout(MQTT_TIMEOUT, rx).await {
             Ok(Ok(res)) => res,
@@ -188,10 +196,10 @@ impl MqttSession {
     }
 
     pub async fn unsubscribe(&self, filter: &str) -> Result<(), String> {
-        self.client
-            .unsubscribe(filter)
-            .await
-            .map_err(|e| e.to_string())
+        match tokio::time::timeout(MQTT_TIMEOUT, self.client.unsubscribe(filter)).await {
+            Ok(res) => res.map_err(|e| e.to_string()),
+            Err(_) => Err("MQTT session stalled".to_owned()),
+        }
     }
 }
 
