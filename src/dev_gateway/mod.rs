@@ -1,1 +1,236 @@
-//! A stand-in for EMQX's ExProto gateway, for development and tests.
+//! A stand-in for EMQX's ExProto gateway, for the demo and end-to-end tests.
+//!
+//! It does what EMQX does for an exproto handler (see `EXPROTO.md`): it
+//! accepts raw TCP clients, gives each an opaque conn id and a connection
+//! process, calls the adapter's handler service for every socket event
+//! (unary or streaming, in EMQX's order and with its flow control), serves
+//! the ConnectionAdapter gRPC service with EMQX's result codes, and routes
+//! pub/sub in memory or through a real MQTT broker.
+//!
+//! ```text
+//! TCP client ──bytes──▶ conn process ──OnReceivedBytes...──▶ adapter (handler)
+//!      ▲                  ▲    │                                  │
+//!      └──── Send ────────┘    └── subscribe/publish ─▶ router    │
+//!                         ▲                                        │
+//!                         └──── ConnectionAdapter gRPC ◀───────────┘
+//! ```
+//!
+//! Modules: `config` (settings, CLI flags), `conn` (the per-connection
+//! process), `handler` (client of the adapter's handler service), `adapter`
+//! (the ConnectionAdapter service), `registry` (conn ids, live connections,
+//! clientids), `router` and `mqtt` (pub/sub), `auth` (users file, deny
+//! rules), `topic` (MQTT topic rules), `codes` (EMQX's answers), `faults`
+//! (fault injection for tests).
+
+mod adapter;
+mod auth;
+mod codes;
+mod config;
+mod conn;
+mod faults;
+mod handler;
+mod mqtt;
+mod registry;
+mod router;
+pub mod topic;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+pub use self::auth::{AuthConfigError, DenyAction, DenyRule, Secret, Users};
+pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode};
+pub use self::faults::{Fault, Faults, Method};
+pub use crate::pb::ResultCode;
+
+use self::adapter::AdapterServer;
+use self::auth::Access;
+use self::faults::FaultState;
+use self::handler::HandlerClient;
+use self::mqtt::MqttRouter;
+use self::registry::Registry;
+use self::router::{MemoryRouter, Router};
+
+/// How long `shutdown` waits for connection processes to end.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (e.g. out of file descriptors), so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What every connection process and the adapter service share.
+pub(crate) struct Shared {
+    pub cfg: GatewayConfig,
+    pub access: Access,
+    pub registry: Registry,
+    pub router: Router,
+    pub handler: HandlerClient,
+    pub faults: Arc<FaultState>,
+    /// Cancelled when the gateway stops; everything watches it.
+    pub shutdown: CancellationToken,
+}
+
+/// A running dev gateway. Dropping it stops everything too, without waiting.
+pub struct DevGateway {
+    client_addr: SocketAddr,
+    shared: Arc<Shared>,
+    adapter: Arc<AdapterServer>,
+    accept_task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DevGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevGateway")
+            .field("client_addr", &self.client_addr)
+            .field("adapter_addr", &self.adapter.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevGateway {
+    /// Binds the client listener and the ConnectionAdapter service (port 0
+    /// picks free ports), connects to the MQTT broker if one is configured,
+    /// and starts serving. The handler is connected lazily, on the first
+    /// client.
+    ///
+    /// # Errors
+    /// Invalid settings, a port that cannot be bound, an unreachable MQTT
+    /// broker.
+    pub async fn start(cfg: GatewayConfig) -> anyhow::Result<DevGateway> {
+        cfg.validate()?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen for clients on {}", cfg.listen))?;
+        let client_addr = listener.local_addr()?;
+        let router = match &cfg.mqtt {
+            Some(url) => Router::Mqtt(MqttRouter::connect(url, &cfg.node).await?),
+            None => Router::Memory(MemoryRouter::default()),
+        };
+        let faults = Arc::new(FaultState::default());
+        let handler = HandlerClient::new(&cfg.handler, cfg.handler_timeout, faults.clone())?;
+        let shared = Arc::new(Shared {
+            access: Access {
+                users: cfg.users.clone(),
+                deny: cfg.deny.clone(),
+            },
+            cfg,
+            registry: Registry::new(),
+            router,
+            handler,
+            faults,
+            shutdown: CancellationToken::new(),
+        });
+        let adapter = AdapterServer::start_new(shared.clone(), shared.cfg.adapter_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot serve ConnectionAdapter on {}",
+                    shared.cfg.adapter_listen
+                )
+            })?;
+        tracing::info!(
+            clients = %client_addr,
+            adapter = %adapter.addr(),
+            handler = %shared.cfg.handler,
+            mode = ?shared.cfg.handler_mode,
+            mqtt = shared.cfg.mqtt.is_some(),
+            "dev gateway started"
+        );
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(DevGateway {
+            client_addr,
+            shared,
+            adapter,
+            accept_task: Some(accept_task),
+        })
+    }
+
+    /// Where TCP clients connect.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// Where the ConnectionAdapter service listens (also after a restart).
+    pub fn adapter_addr(&self) -> SocketAddr {
+        self.adapter.addr()
+    }
+
+    /// The fault controls.
+    pub fn faults(&self) -> Faults {
+        Faults {
+            shared: self.shared.clone(),
+            adapter: self.adapter.clone(),
+        }
+    }
+
+    /// Live connection processes (including those draining after their
+    /// socket closed).
+    pub fn connection_count(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    /// Stops accepting, closes every client socket (without handler calls),
+    /// stops the ConnectionAdapter service and waits for all of it, at most
+    /// a few seconds.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        if let Some(task) = self.accept_task.take() {
+            if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
+                tracing::warn!("connections did not end in time");
+            }
+        }
+        self.adapter.stop().await;
+        tracing::info!("dev gateway stopped");
+    }
+}
+
+impl Drop for DevGateway {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => match limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        conns.spawn(conn::run(shared.clone(), socket, peer, permit));
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "connection limit reached, socket closed");
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_handles_can_cross_tasks() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<DevGateway>();
+        check::<Faults>();
+        check::<GatewayConfig>();
+    }
+}

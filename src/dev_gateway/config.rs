@@ -1,0 +1,404 @@
+//! The dev gateway's settings: [`GatewayConfig`] for the library and tests,
+//! [`GatewayArgs`] for the command line (flags and `EXPROTO_GATEWAY_*`
+//! environment variables), and the conversion between them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::auth::{DenyRule, Users};
+
+/// Which of the two handler services EMQX calls (`handler.service_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HandlerMode {
+    /// `ConnectionUnaryHandler`: one call per event, at most one in flight
+    /// per connection (EMQX's default since 5.1).
+    #[default]
+    Unary,
+    /// The deprecated streaming `ConnectionHandler`: one client stream per
+    /// RPC and connection; events on different streams may overtake each
+    /// other.
+    Stream,
+}
+
+/// Everything [`super::DevGateway::start`] needs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where raw TCP clients connect (EMQX's exproto listener, `7993`).
+    pub listen: SocketAddr,
+    /// Where the ConnectionAdapter gRPC service listens (EMQX's
+    /// `gateway.exproto.server.bind`, `9100`).
+    pub adapter_listen: SocketAddr,
+    /// The adapter's handler service (`gateway.exproto.handler.address`).
+    pub handler: String,
+    /// EMQX's `handler.service_name`: the adapter serves both, and must
+    /// cope with either.
+    pub handler_mode: HandlerMode,
+    /// Stream mode only: send a connection's first bytes before its
+    /// `OnSocketCreated`, the reordering EMQX's streams allow, so the
+    /// adapter's buffering of early events gets exercised.
+    pub created_late: bool,
+    /// A socket that sends no byte within this time is closed silently.
+    pub idle_timeout: Duration,
+    /// A handler call that takes longer fails, and its connection closes.
+    pub handler_timeout: Duration,
+    /// How long an adapter call waits for the connection process before it
+    /// answers "Connection is not answered" (EMQX: 5 s).
+    pub call_timeout: Duration,
+    /// Known users; `None` accepts any credentials.
+    pub users: Option<Users>,
+    /// Authorization rules for Publish and Subscribe.
+    pub deny: Vec<DenyRule>,
+    /// `mqtt://[user[:password]@]host[:port]`: route pub/sub through this
+    /// broker instead of the in-memory router.
+    pub mqtt: Option<String>,
+    /// The node name put in every delivered `Message`.
+    pub node: String,
+    /// Client sockets beyond this many are closed at once.
+    pub max_connections: usize,
+    /// Per connection: handler events waiting for their call, and adapter
+    /// calls and deliveries waiting for the connection process. Reading from
+    /// the socket pauses while the event queue is full; deliveries beyond it
+    /// are dropped, like EMQX's bounded message queue.
+    pub queue_limit: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7993)),
+            adapter_listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+            handler: "http://127.0.0.1:9001".to_owned(),
+            handler_mode: HandlerMode::Unary,
+            created_late: false,
+            idle_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(5),
+            users: None,
+            deny: Vec::new(),
+            mqtt: None,
+            node: "emqx@127.0.0.1".to_owned(),
+            max_connections: 100_000,
+            queue_limit: 1_000,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// A config for tests: both listeners on 127.0.0.1 port 0, the given
+    /// handler, everything else default.
+    pub fn for_tests(handler: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            adapter_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            handler: handler.into(),
+            ..Self::default()
+        }
+    }
+
+    /// # Errors
+    /// Settings that contradict each other or cannot be used.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.created_late && self.handler_mode != HandlerMode::Stream {
+            anyhow::bail!(
+                "created_late needs the stream handler service (--handler-service stream)"
+            );
+        }
+        if self.queue_limit == 0 || self.max_connections == 0 {
+            anyhow::bail!("queue_limit and max_connections must be at least 1");
+        }
+        if self.idle_timeout.is_zero() || self.call_timeout.is_zero() {
+            anyhow::bail!("idle_timeout and call_timeout must be positive");
+        }
+        tonic::transport::Endpoint::from_shared(self.handler.clone())
+            .with_context(|| format!("bad handler URL {:?}", self.handler))?;
+        if let Some(url) = &self.mqtt {
+            MqttUrl::parse(url)?;
+        }
+        Ok(())
+    }
+}
+
+/// The dev gateway's command-line flags. Each has an `EXPROTO_GATEWAY_*`
+/// environment variable, so the adapter's own `EXPROTO_*` settings in the
+/// same environment do not leak into it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Address for raw TCP chat clients (EMQX's exproto TCP listener).
+    #[arg(long, env = "EXPROTO_GATEWAY_LISTEN", default_value = "127.0.0.1:7993")]
+    pub listen: SocketAddr,
+
+    /// Address of the ConnectionAdapter gRPC service that the adapter calls
+    /// (EMQX's gateway.exproto.server.bind).
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_ADAPTER_LISTEN",
+        default_value = "127.0.0.1:9100"
+    )]
+    pub adapter_listen: SocketAddr,
+
+    /// URL of the adapter's handler service that the gateway calls for every
+    /// socket event (EMQX's gateway.exproto.handler.address).
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_HANDLER",
+        default_value = "http://127.0.0.1:9001"
+    )]
+    pub handler: String,
+
+    /// Which handler service to call: `unary` (ConnectionUnaryHandler, one
+    /// call at a time per connection, the default) or `stream` (the
+    /// deprecated streaming ConnectionHandler, where events may overtake
+    /// each other).
+    #[arg(
+        long = "handler-service",
+        env = "EXPROTO_GATEWAY_HANDLER_SERVICE",
+        value_enum,
+        default_value_t = HandlerMode::Unary
+    )]
+    pub handler_service: HandlerMode,
+
+    /// With `--handler-service stream`: send each connection's first bytes
+    /// before its OnSocketCreated, to test that the adapter keeps early
+    /// events.
+    #[arg(long, env = "EXPROTO_GATEWAY_CREATED_LATE")]
+    pub created_late: bool,
+
+    /// Close a client socket that sends no byte at all within this many
+    /// seconds, without a word to the client (EMQX's idle_timeout).
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_IDLE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 30
+    )]
+    pub idle_timeout: u64,
+
+    /// File of `username password` lines (`#` starts a comment). When given,
+    /// Authenticate with an unknown user or a wrong password is refused with
+    /// PERMISSION_DENY; without it anyone may connect.
+    #[arg(long, env = "EXPROTO_GATEWAY_USERS", value_name = "FILE")]
+    pub users: Option<PathBuf>,
+
+    /// Refuse Publish and/or Subscribe with PERMISSION_DENY ("Authorization
+    /// deny") on matching topics: `publish:FILTER`, `subscribe:FILTER` or
+    /// `all:FILTER`, e.g. `publish:chat/secret/#`. Repeat the flag for more
+    /// rules (comma-separated in the environment variable).
+    #[arg(
+        long = "deny",
+        env = "EXPROTO_GATEWAY_DENY",
+        value_name = "RULE",
+        value_delimiter = ','
+    )]
+    pub deny: Vec<DenyRule>,
+
+    /// Route publish/subscribe through a real MQTT broker,
+    /// `mqtt://[user[:password]@]host[:port]`, one MQTT session per
+    /// authenticated connection, so MQTT clients and chat clients see each
+    /// other. Without it, pub/sub stays inside the gateway.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_MQTT",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub mqtt: Option<String>,
+
+    /// Node name reported in every delivered message.
+    #[arg(long, env = "EXPROTO_GATEWAY_NODE", default_value = "emqx@127.0.0.1")]
+    pub node: String,
+}
+
+impl GatewayArgs {
+    /// Builds the config, reading the users file.
+    ///
+    /// # Errors
+    /// An unreadable users file or contradictory settings.
+    pub fn into_config(self) -> anyhow::Result<GatewayConfig> {
+        let users = match &self.users {
+            Some(path) => Some(Users::load(path)?),
+            None => None,
+        };
+        let cfg = GatewayConfig {
+            listen: self.listen,
+            adapter_listen: self.adapter_listen,
+            handler: self.handler,
+            handler_mode: self.handler_service,
+            created_late: self.created_late,
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            users,
+            deny: self.deny,
+            mqtt: self.mqtt,
+            node: self.node,
+            ..GatewayConfig::default()
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl TryFrom<GatewayArgs> for GatewayConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: GatewayArgs) -> anyhow::Result<Self> {
+        args.into_config()
+    }
+}
+
+/// A parsed `mqtt://` broker URL.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct MqttUrl {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for MqttUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+impl MqttUrl {
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .with_context(|| format!("MQTT URL {url:?} must start with mqtt://"))?;
+        let rest = rest.trim_end_matches('/');
+        let (credentials, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hostport)) => {
+                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (Some((user.to_owned(), pass.to_owned())), hostport)
+            }
+            None => (None, rest),
+        };
+        let bad_port = || format!("bad port in MQTT URL {url:?}");
+        let (host, port) = if let Some(inner) = hostport.strip_prefix('[') {
+            let (host, after) = inner
+                .split_once(']')
+                .with_context(|| format!("unclosed [ in MQTT URL {url:?}"))?;
+            let port = match after.strip_prefix(':') {
+                Some(port) => port.parse().with_context(bad_port)?,
+                None if after.is_empty() => 1883,
+                None => anyhow::bail!(bad_port()),
+            };
+            (host, port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((host, port)) => (host, port.parse().with_context(bad_port)?),
+                None => (hostport, 1883),
+            }
+        };
+        if host.is_empty() {
+            anyhow::bail!("MQTT URL {url:?} has no host");
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            credentials,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gw: GatewayArgs,
+    }
+
+    #[test]
+    fn defaults_match_emqx_conventions() {
+        let cfg = Cli::parse_from(["x"]).gw.into_config().unwrap();
+        assert_eq!(cfg.listen.port(), 7993);
+        assert_eq!(cfg.adapter_listen.port(), 9100);
+        assert_eq!(cfg.handler, "http://127.0.0.1:9001");
+        assert_eq!(cfg.handler_mode, HandlerMode::Unary);
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(30));
+        assert!(cfg.users.is_none() && cfg.deny.is_empty() && cfg.mqtt.is_none());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::parse_from([
+            "x",
+            "--listen",
+            "0.0.0.0:1",
+            "--handler-service",
+            "stream",
+            "--created-late",
+            "--idle-timeout",
+            "3",
+            "--deny",
+            "publish:a/#",
+            "--deny",
+            "subscribe:b",
+            "--mqtt",
+            "mqtt://127.0.0.1:1883",
+        ]);
+        let cfg = cli.gw.into_config().unwrap();
+        assert_eq!(cfg.handler_mode, HandlerMode::Stream);
+        assert!(cfg.created_late);
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.deny.len(), 2);
+        assert_eq!(cfg.mqtt.as_deref(), Some("mqtt://127.0.0.1:1883"));
+    }
+
+    #[test]
+    fn created_late_needs_stream_mode() {
+        let cli = Cli::parse_from(["x", "--created-late"]);
+        assert!(cli.gw.into_config().is_err());
+    }
+
+    #[test]
+    fn bad_deny_rule_is_a_parse_error() {
+        assert!(Cli::try_parse_from(["x", "--deny", "nope"]).is_err());
+    }
+
+    #[test]
+    fn help_explains_every_flag_and_its_env_var() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "listen",
+            "adapter-listen",
+            "handler",
+            "handler-service",
+            "created-late",
+            "idle-timeout",
+            "users",
+            "deny",
+            "mqtt",
+        ] {
+            assert!(help.contains(&format!("--{flag}")), "--{flag}");
+            let env = format!("EXPROTO_GATEWAY_{}", flag.replace('-', "_").to_uppercase());
+            assert!(help.contains(&env), "{env}");
+        }
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        let u = MqttUrl::parse("mqtt://127.0.0.1:1883").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.credentials),
+            ("127.0.0.1", 1883, None)
+        );
+        let u = MqttUrl::parse("mqtt://localhost").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("localhost", 1883));
+        let u = MqttUrl::parse("mqtt://bob:pw@h:1").unwrap();
+        assert_eq!(u.credentials, Some(("bob".into(), "pw".into())));
+        assert!(!format!("{u:?}").contains("pw"));
+        let u = MqttUrl::parse("mqtt://[::1]:1884").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 1884));
+        assert!(MqttUrl::parse("http://h").is_err());
+        assert!(MqttUrl::parse("mqtt://h:x").is_err());
+        assert!(MqttUrl::parse("mqtt://").is_err());
+    }
+}

@@ -1,0 +1,776 @@
+//! One client connection: the stand-in for EMQX's connection process. It
+//! owns the socket, queues handler events and sends them one at a time,
+//! answers adapter calls (which arrive through its mailbox, also while its
+//! own handler call is in flight), and runs the idle and keepalive timers.
+//!
+//! How it ends, as in EMQX:
+//! - The socket closes (client EOF, `Close`, kick, keepalive timeout): the
+//!   process lives on until the events already queued have been handled,
+//!   then sends `OnSocketClosed` as its last call and exits without waiting
+//!   for the answer. Meanwhile Send and Close answer SUCCESS and
+//!   Authenticate PERMISSION_DENY. If the queue does not drain within
+//!   15 s, the process exits anyway.
+//! - The process is stopped (discarded, idle timeout, a failed handler
+//!   call): the socket closes and the process exits at once; queued events
+//!   are dropped, and `OnSocketClosed` is sent only if no handler call is in
+//!   flight (EMQX loses it otherwise).
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use super::auth::Secret;
+use super::codes;
+use super::handler::{ConnStreams, HandlerError, HandlerEvent, StreamFailure};
+use super::mqtt::{MqttSession, SubscribeError};
+use super::registry::ConnHandle;
+use super::router::{make_message, DeliverTx, Router};
+use super::topic;
+use super::{HandlerMode, Shared};
+use crate::pb;
+
+/// Bytes read from the socket at a time; each read is one OnReceivedBytes.
+const READ_CHUNK: usize = 16 * 1024;
+/// Chunks waiting to be written to a slow client before Send waits.
+const WRITE_QUEUE: usize = 64;
+/// A write that makes no progress for this long gives up on the client.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages per OnReceivedMessages call at most.
+const MAX_BATCH: usize = 100;
+/// How long a closed connection may take to drain its queue (EMQX's
+/// force_close timer).
+const FORCE_CLOSE: Duration = Duration::from_secs(15);
+/// `created_late`: how long OnSocketCreated waits for the first bytes.
+const CREATED_LATE_MAX: Duration = Duration::from_millis(500);
+/// `created_late`: head start of the first bytes over OnSocketCreated.
+const CREATED_LATE_PAUSE: Duration = Duration::from_millis(50);
+/// A handler that ends its stream at once would otherwise be reopened
+/// forever.
+const MAX_STREAM_REOPEN: u32 = 3;
+
+type Reply = oneshot::Sender<pb::CodeResponse>;
+
+/// An adapter call or a control message for one connection process.
+#[derive(Debug)]
+pub(crate) enum ConnCmd {
+    Send {
+        bytes: Vec<u8>,
+        reply: Reply,
+    },
+    Close {
+        reply: Reply,
+    },
+    Authenticate {
+        clientinfo: pb::ClientInfo,
+        password: Secret,
+        reply: Reply,
+    },
+    StartTimer {
+        interval: u32,
+        reply: Reply,
+    },
+    Publish {
+        topic: String,
+        qos: u32,
+        payload: Vec<u8>,
+        reply: Reply,
+    },
+    Subscribe {
+        topic: String,
+        qos: u32,
+        reply: Reply,
+    },
+    Unsubscribe {
+        topic: String,
+        reply: Reply,
+    },
+    /// A newer connection authenticated with this one's clientid.
+    Discard {
+        done: oneshot::Sender<()>,
+    },
+    /// Closed from outside: management kick, or the MQTT session was lost.
+    Kick,
+}
+
+enum Phase {
+    Connecting,
+    Connected { clientid: String },
+}
+
+struct Keepalive {
+    interval: Duration,
+    /// `recv_count` at the last check.
+    last_count: u64,
+    next_check: Instant,
+}
+
+struct Conn {
+    id: Arc<str>,
+    shared: Arc<Shared>,
+    handle: ConnHandle,
+    reader: Option<OwnedReadHalf>,
+    /// Dropping it lets the writer task flush and close the socket.
+    writer: Option<mpsc::Sender<Bytes>>,
+    deliver_tx: DeliverTx,
+    phase: Phase,
+    /// Events waiting for their handler call, in order.
+    queue: VecDeque<HandlerEvent>,
+    inflight: Option<JoinHandle<Result<(), HandlerError>>>,
+    inflight_fun: &'static str,
+    /// Stream mode only.
+    streams: Option<ConnStreams>,
+    stream_reopens: u32,
+    /// `created_late`: OnSocketCreated held back until the first bytes.
+    created_hold: Option<(pb::SocketCreatedRequest, Instant)>,
+    late_pause: bool,
+    /// Until the first byte arrives.
+    idle_deadline: Option<Instant>,
+    /// Reads so far; keepalive only needs to know whether it moved.
+    recv_count: u64,
+    keepalive: Option<Keepalive>,
+    /// After the socket closed: the reason, and when draining gives up.
+    closed: Option<(String, Instant)>,
+    subs: HashSet<String>,
+    mqtt: Option<MqttSession>,
+    exit: bool,
+}
+
+/// Runs one accepted client socket until its process exits.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let (id, seq) = shared.registry.issue();
+    let span = tracing::info_span!("conn", conn = %id);
+    let cap = shared.cfg.queue_limit;
+    let (cmd_tx, cmds) = mpsc::channel(cap);
+    let (deliver_tx, deliveries) = mpsc::channel(cap);
+    let (fail_tx, failures) = mpsc::channel(8);
+    let handle = ConnHandle {
+        id: id.clone(),
+        seq,
+        tx: cmd_tx,
+    };
+    shared.registry.insert(handle.clone());
+
+    // Nagle would hold back the small reply lines of a chat protocol.
+    let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().ok();
+    let (reader, write_half) = socket.into_split();
+    let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
+    tokio::spawn(write_loop(write_half, wrx).instrument(span.clone()));
+
+    let created = pb::SocketCreatedRequest {
+        conn: id.to_string(),
+        conninfo: Some(pb::ConnInfo {
+            socktype: pb::SocketType::Tcp as i32,
+            peername: Some(address(peer)),
+            sockname: local.map(address),
+            peercert: None,
+        }),
+    };
+    let streams = match shared.cfg.handler_mode {
+        HandlerMode::Unary => None,
+        HandlerMode::Stream => Some(shared.handler.streams(fail_tx)),
+    };
+    let now = Instant::now();
+    let mut conn = Conn {
+        id,
+        idle_deadline: Some(now + shared.cfg.idle_timeout),
+        shared,
+        handle,
+        reader: Some(reader),
+        writer: Some(wtx),
+        deliver_tx,
+        phase: Phase::Connecting,
+        queue: VecDeque::new(),
+        inflight: None,
+        inflight_fun: "",
+        streams,
+        stream_reopens: 0,
+        created_hold: None,
+        late_pause: false,
+        recv_count: 0,
+        keepalive: None,
+        closed: None,
+        subs: HashSet::new(),
+        mqtt: None,
+        exit: false,
+    };
+    if conn.shared.cfg.created_late && conn.streams.is_some() {
+        conn.created_hold = Some((created, now + CREATED_LATE_MAX));
+    } else {
+        conn.queue.push_back(HandlerEvent::Created(created));
+    }
+    async move {
+        tracing::info!(%peer, "connection accepted");
+        conn.main_loop(cmds, deliveries, failures).await;
+        conn.cleanup();
+    }
+    .instrument(span)
+    .await;
+}
+
+fn address(addr: SocketAddr) -> pb::Address {
+    pb::Address {
+        host: addr.ip().to_string(),
+        port: u32::from(addr.port()),
+    }
+}
+
+async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(chunk) = rx.recv().await {
+        match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("client stopped reading, giving up on its writes");
+                return;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, w.shutdown()).await;
+}
+
+async fn join_opt<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_opt(
+    r: Option<&mut OwnedReadHalf>,
+    buf: &mut [u8],
+    enabled: bool,
+) -> io::Result<usize> {
+    match r {
+        Some(r) if enabled => r.read(buf).await,
+        _ => std::future::pending().await,
+    }
+}
+
+async fn recv_opt<T>(rx: &mut mpsc::Receiver<T>, enabled: bool) -> Option<T> {
+    if enabled {
+        rx.recv().await
+    } else {
+        std::future::pending().await
+    }
+}
+
+async fn sleep_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn io_reason(e: &io::Error) -> String {
+    let name = match e.kind() {
+        io::ErrorKind::ConnectionReset => "econnreset",
+        io::ErrorKind::ConnectionAborted => "econnaborted",
+        io::ErrorKind::BrokenPipe => "epipe",
+        io::ErrorKind::TimedOut => "etimedout",
+        _ => "closed",
+    };
+    format!("{{shutdown,{name}}}")
+}
+
+impl Conn {
+    async fn main_loop(
+        &mut self,
+        mut cmds: mpsc::Receiver<ConnCmd>,
+        mut deliveries: mpsc::Receiver<pb::Message>,
+        mut failures: mpsc::Receiver<StreamFailure>,
+    ) {
+        let mut buf = vec![0u8; READ_CHUNK];
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            self.pump();
+            if self.exit {
+                return;
+            }
+            let room = self.queue.len() < self.shared.cfg.queue_limit;
+            let take_deliveries = room && self.reader.is_some();
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    // The whole gateway stops: no more handler calls.
+                    self.drop_socket();
+                    self.exit = true;
+                }
+                res = join_opt(&mut self.inflight) => {
+                    self.inflight = None;
+                    self.on_call_done(res);
+                }
+                Some(failure) = failures.recv() => {
+                    self.fail(failure.fun, &failure.error);
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => self.on_cmd(cmd).await,
+                    None => self.exit = true,
+                },
+                res = read_opt(self.reader.as_mut(), &mut buf, room) => self.on_read(res, &buf),
+                Some(msg) = recv_opt(&mut deliveries, take_deliveries) => {
+                    self.on_delivery(msg, &mut deliveries);
+                }
+                () = sleep_opt(deadline) => self.on_deadline(),
+            }
+        }
+    }
+
+    /// Starts the next handler call when none is in flight.
+    fn pump(&mut self) {
+        if self.inflight.is_some() || self.exit {
+            return;
+        }
+        let Some(ev) = self.queue.pop_front() else {
+            return;
+        };
+        if matches!(ev, HandlerEvent::Closed(_)) {
+            // EMQX's terminate: the last call goes out and the process exits
+            // without waiting for its answer.
+            drop(self.dispatch(ev));
+            self.exit = true;
+            return;
+        }
+        self.inflight_fun = ev.fun_name();
+        self.inflight = Some(self.dispatch(ev));
+    }
+
+    fn dispatch(&mut self, ev: HandlerEvent) -> JoinHandle<Result<(), HandlerError>> {
+        tracing::debug!(call = ev.fun_name(), "handler call");
+        match &mut self.streams {
+            None => self.shared.handler.unary(&self.id, ev),
+            Some(streams) => {
+                let pause = if self.late_pause && matches!(ev, HandlerEvent::Bytes(_)) {
+                    self.late_pause = false;
+                    CREATED_LATE_PAUSE
+                } else {
+                    Duration::ZERO
+                };
+                streams.send(&self.id, ev, pause)
+            }
+        }
+    }
+
+    fn on_call_done(&mut self, res: Result<Result<(), HandlerError>, JoinError>) {
+        match res {
+            Ok(Ok(())) => self.stream_reopens = 0,
+            Ok(Err(HandlerError::StreamGone(ev))) if self.stream_reopens < MAX_STREAM_REOPEN => {
+                self.stream_reopens += 1;
+                if let Some(streams) = &mut self.streams {
+                    streams.reset(&ev);
+                }
+                self.queue.push_front(*ev);
+            }
+            Ok(Err(e)) => self.fail(self.inflight_fun, &e),
+            Err(e) => {
+                tracing::error!(error = %e, "handler call task failed");
+                self.fail(self.inflight_fun, &HandlerError::Timeout);
+            }
+        }
+    }
+
+    /// A failed handler call stops the process, as in EMQX.
+    fn fail(&mut self, fun: &str, e: &HandlerError) {
+        tracing::warn!(call = fun, error = %e, "handler call failed, closing the connection");
+        self.stop(format!("{{shutdown,{{error,{{{fun},{e}}}}}}}"));
+    }
+
+    /// Stops the process at once (EMQX's `{shutdown, Reason}` from a
+    /// callback): see the module doc.
+    fn stop(&mut self, reason: String) {
+        if self.exit {
+            return;
+        }
+        tracing::info!(%reason, "connection stopped");
+        self.drop_socket();
+        self.queue.clear();
+        if self.inflight.is_none() {
+            let ev = HandlerEvent::Closed(pb::SocketClosedRequest {
+                conn: self.id.to_string(),
+                reason,
+            });
+            drop(self.dispatch(ev));
+        } else {
+            tracing::debug!("OnSocketClosed lost: a handler call is in flight");
+        }
+        self.exit = true;
+    }
+
+    /// The socket closes; the process drains its queue and then exits.
+    fn close_socket(&mut self, reason: String) {
+        if self.reader.is_none() || self.exit {
+            return;
+        }
+        tracing::info!(%reason, "socket closed");
+        self.drop_socket();
+        self.keepalive = None;
+        self.idle_deadline = None;
+        self.release_created();
+        self.queue
+            .push_back(HandlerEvent::Closed(pb::SocketClosedRequest {
+                conn: self.id.to_string(),
+                reason: reason.clone(),
+            }));
+        self.closed = Some((reason, Instant::now() + FORCE_CLOSE));
+    }
+
+    fn drop_socket(&mut self) {
+        self.reader = None;
+        self.writer = None;
+    }
+
+    fn socket_open(&self) -> bool {
+        self.reader.is_some()
+    }
+
+    fn enqueue(&mut self, ev: HandlerEvent) {
+        if let Some((created, _)) = self.created_hold.take() {
+            if matches!(ev, HandlerEvent::Bytes(_)) {
+                self.queue.push_back(ev);
+                self.queue.push_back(HandlerEvent::Created(created));
+                self.late_pause = true;
+                return;
+            }
+            self.queue.push_back(HandlerEvent::Created(created));
+        }
+        self.queue.push_back(ev);
+    }
+
+    fn release_created(&mut self) {
+        if let Some((created, _)) = self.created_hold.take() {
+            self.queue.push_back(HandlerEvent::Created(created));
+        }
+    }
+
+    fn on_read(&mut self, res: io::Result<usize>, buf: &[u8]) {
+        match res {
+            Ok(0) => self.close_socket("{shutdown,tcp_closed}".to_owned()),
+            Ok(n) => {
+                tracing::trace!(bytes = n, "received");
+                self.recv_count += 1;
+                self.idle_deadline = None;
+                self.enqueue(HandlerEvent::Bytes(pb::ReceivedBytesRequest {
+                    conn: self.id.to_string(),
+                    bytes: buf[..n].to_vec(),
+                }));
+            }
+            Err(e) => self.close_socket(io_reason(&e)),
+        }
+    }
+
+    fn on_delivery(&mut self, first: pb::Message, rx: &mut mpsc::Receiver<pb::Message>) {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if let Some(HandlerEvent::Messages(waiting)) = self.queue.back_mut() {
+            if waiting.messages.len() + batch.len() <= MAX_BATCH {
+                waiting.messages.extend(batch);
+                return;
+            }
+        }
+        self.enqueue(HandlerEvent::Messages(pb::ReceivedMessagesRequest {
+            conn: self.id.to_string(),
+            messages: batch,
+        }));
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.idle_deadline,
+            self.keepalive.as_ref().map(|k| k.next_check),
+            self.created_hold.as_ref().map(|c| c.1),
+            self.closed.as_ref().map(|c| c.1),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn on_deadline(&mut self) {
+        let now = Instant::now();
+        if let Some((reason, give_up)) = &self.closed {
+            if *give_up <= now {
+                let reason = reason.clone();
+                self.stop(reason);
+                return;
+            }
+        }
+        if self.idle_deadline.is_some_and(|d| d <= now) {
+            self.stop("{shutdown,idle_timeout}".to_owned());
+            return;
+        }
+        if self.created_hold.as_ref().is_some_and(|c| c.1 <= now) {
+            self.release_created();
+        }
+        let recv_count = self.recv_count;
+        let mut timed_out = false;
+        if let Some(ka) = &mut self.keepalive {
+            if ka.next_check <= now {
+                if ka.last_count == recv_count {
+                    timed_out = true;
+                } else {
+                    ka.last_count = recv_count;
+                    ka.next_check = now + ka.interval;
+                }
+            }
+        }
+        if timed_out {
+            // One step, as in EMQX: the timeout goes to the handler and the
+            // socket closes, so nothing the handler sends reaches the client.
+            self.keepalive = None;
+            self.enqueue(HandlerEvent::Timer(pb::TimerTimeoutRequest {
+                conn: self.id.to_string(),
+                r#type: pb::TimerType::Keepalive as i32,
+            }));
+            self.close_socket("{shutdown,keepalive_timeout}".to_owned());
+        }
+    }
+
+    async fn on_cmd(&mut self, cmd: ConnCmd) {
+        match cmd {
+            ConnCmd::Send { bytes, reply } => {
+                if let Some(w) = &self.writer {
+                    if !bytes.is_empty() && w.send(Bytes::from(bytes)).await.is_err() {
+                        tracing::debug!("writer gone, bytes dropped");
+                    }
+                }
+                let _ = reply.send(codes::success());
+            }
+            ConnCmd::Close { reply } => {
+                let _ = reply.send(codes::success());
+                self.close_socket("{shutdown,normal}".to_owned());
+            }
+            ConnCmd::Authenticate {
+                clientinfo,
+                password,
+                reply,
+            } => {
+                let res = self.authenticate(clientinfo, password.expose()).await;
+                let _ = reply.send(res);
+            }
+            ConnCmd::StartTimer { interval, reply } => {
+                if self.socket_open() {
+                    let interval = Duration::from_secs(u64::from(interval));
+                    self.keepalive = Some(Keepalive {
+                        interval,
+                        last_count: self.recv_count,
+                        next_check: Instant::now() + interval,
+                    });
+                }
+                let _ = reply.send(codes::success());
+            }
+            ConnCmd::Publish {
+                topic,
+                qos,
+                payload,
+                reply,
+            } => {
+                let res = self.publish(&topic, qos, payload).await;
+                let _ = reply.send(res);
+            }
+            ConnCmd::Subscribe { topic, qos, reply } => {
+                let res = self.subscribe(topic, qos).await;
+                let _ = reply.send(res);
+            }
+            ConnCmd::Unsubscribe { topic, reply } => {
+                let res = self.unsubscribe(&topic).await;
+                let _ = reply.send(res);
+            }
+            ConnCmd::Discard { done } => {
+                let _ = done.send(());
+                self.stop("{shutdown,discarded}".to_owned());
+            }
+            ConnCmd::Kick => self.close_socket("{shutdown,kicked}".to_owned()),
+        }
+    }
+
+    /// The clientid, if Publish/Subscribe/Unsubscribe may run: EMQX answers
+    /// them only in the `connected` state, which ends when the socket
+    /// closes.
+    fn connected_clientid(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Connected { clientid } if self.socket_open() => Some(clientid),
+            _ => None,
+        }
+    }
+
+    async fn authenticate(&mut self, info: pb::ClientInfo, password: &str) -> pb::CodeResponse {
+        if !self.socket_open() {
+            return codes::permission_deny("<<\"Client socket disconnected\">>");
+        }
+        if matches!(self.phase, Phase::Connected { .. }) {
+            return codes::permission_deny("<<\"Duplicated authenticate command\">>");
+        }
+        let clientid = info.clientid;
+        if let Err(reason) = self.shared.access.authenticate(&info.username, password) {
+            tracing::info!(%clientid, username = %info.username, "authentication refused");
+            return codes::permission_deny(reason);
+        }
+        if let Some(old) = self
+            .shared
+            .registry
+            .claim_clientid(&clientid, self.handle.clone())
+        {
+            self.discard(old).await;
+        }
+        if let Router::Mqtt(router) = &self.shared.router {
+            let tx = self.handle.tx.clone();
+            let lost = Box::new(move || {
+                tokio::spawn(async move {
+                    let _ = tx.send(ConnCmd::Kick).await;
+                });
+            });
+            match router
+                .session(&clientid, self.deliver_tx.clone(), lost)
+                .await
+            {
+                Ok(session) => self.mqtt = Some(session),
+                Err(e) => {
+                    tracing::warn!(%clientid, error = %e, "MQTT session failed");
+                    self.shared
+                        .registry
+                        .release_clientid(&clientid, self.handle.seq);
+                    return codes::permission_deny(codes::erl_binary(&e));
+                }
+            }
+        }
+        tracing::info!(%clientid, username = %info.username, proto = %info.proto_name, "authenticated");
+        self.phase = Phase::Connected { clientid };
+        codes::success()
+    }
+
+    /// Stops the older owner of a clientid and waits until it is gone.
+    async fn discard(&self, old: ConnHandle) {
+        tracing::info!(old = %old.id, "discarding the older connection with this clientid");
+        let (done, gone) = oneshot::channel();
+        let wait = async {
+            if old.tx.send(ConnCmd::Discard { done }).await.is_ok() {
+                let _ = gone.await;
+            }
+        };
+        if tokio::time::timeout(self.shared.cfg.call_timeout, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(old = %old.id, "older connection did not answer the discard");
+        }
+    }
+
+    async fn publish(&mut self, topic_name: &str, qos: u32, payload: Vec<u8>) -> pb::CodeResponse {
+        let Some(clientid) = self.connected_clientid() else {
+            return codes::unexpected_call();
+        };
+        if self.shared.access.publish_denied(topic_name) {
+            return codes::authorization_deny();
+        }
+        if !topic::valid_name(topic_name) {
+            tracing::warn!(topic = topic_name, "Publish to an invalid topic");
+            return codes::invalid_topic();
+        }
+        tracing::debug!(topic = topic_name, qos, bytes = payload.len(), "publish");
+        match (&self.shared.router, &self.mqtt) {
+            (Router::Memory(router), _) => {
+                let msg = make_message(&self.shared.cfg.node, clientid, topic_name, qos, payload);
+                router.publish(&msg);
+            }
+            (Router::Mqtt(_), Some(session)) => {
+                if let Err(e) = session.publish(clientid, topic_name, qos, payload).await {
+                    tracing::warn!(error = %e, "MQTT publish failed");
+                    return codes::unknown_crash();
+                }
+            }
+            (Router::Mqtt(_), None) => return codes::unexpected_call(),
+        }
+        codes::success()
+    }
+
+    async fn subscribe(&mut self, filter: String, qos: u32) -> pb::CodeResponse {
+        if self.connected_clientid().is_none() {
+            return codes::unexpected_call();
+        }
+        if self.shared.access.subscribe_denied(&filter) {
+            return codes::authorization_deny();
+        }
+        if !topic::valid_filter(&filter) {
+            tracing::warn!(filter, "Subscribe to an invalid filter");
+            return codes::invalid_topic();
+        }
+        match (&self.shared.router, &self.mqtt) {
+            (Router::Memory(router), _) => {
+                router.subscribe(self.handle.seq, &filter, self.deliver_tx.clone());
+            }
+            (Router::Mqtt(_), Some(session)) => match session.subscribe(&filter, qos).await {
+                Ok(()) => {}
+                Err(SubscribeError::Refused(code)) => {
+                    tracing::info!(filter, code, "broker refused the subscription");
+                    return codes::authorization_deny();
+                }
+                Err(SubscribeError::Failed(e)) => {
+                    tracing::warn!(filter, error = %e, "MQTT subscribe failed");
+                    return codes::unknown_crash();
+                }
+            },
+            (Router::Mqtt(_), None) => return codes::unexpected_call(),
+        }
+        tracing::debug!(filter, qos, "subscribed");
+        self.subs.insert(filter);
+        codes::success()
+    }
+
+    async fn unsubscribe(&mut self, filter: &str) -> pb::CodeResponse {
+        if self.connected_clientid().is_none() {
+            return codes::unexpected_call();
+        }
+        if self.subs.remove(filter) {
+            match (&self.shared.router, &self.mqtt) {
+                (Router::Memory(router), _) => router.unsubscribe(self.handle.seq, filter),
+                (Router::Mqtt(_), Some(session)) => {
+                    if let Err(e) = session.unsubscribe(filter).await {
+                        tracing::warn!(filter, error = %e, "MQTT unsubscribe failed");
+                    }
+                }
+                (Router::Mqtt(_), None) => {}
+            }
+        }
+        codes::success()
+    }
+
+    fn cleanup(&mut self) {
+        let shared = self.shared.clone();
+        shared.registry.remove(&self.id);
+        if let Phase::Connected { clientid } = &self.phase {
+            shared.registry.release_clientid(clientid, self.handle.seq);
+        }
+        if let Router::Memory(router) = &shared.router {
+            router.unsubscribe_all(self.handle.seq, &self.subs);
+        }
+        self.mqtt = None;
+        self.drop_socket();
+        shared.faults.forget(&self.id);
+        tracing::debug!("connection process exited");
+    }
+}

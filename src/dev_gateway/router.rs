@@ -1,0 +1,180 @@
+//! Pub/sub: the in-memory router (the default) or a real MQTT broker (see
+//! `mqtt.rs`), and the `Message`s delivered to subscribers, filled as EMQX
+//! fills them.
+//!
+//! Delivery is into each subscriber's bounded delivery queue; a full queue
+//! drops the message with a warning, like EMQX's bounded message queue,
+//! rather than making the publisher wait on a slow subscriber.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+
+use super::mqtt::MqttRouter;
+use super::topic;
+use crate::pb;
+
+/// A connection's delivery queue.
+pub(crate) type DeliverTx = mpsc::Sender<pb::Message>;
+
+pub(crate) enum Router {
+    Memory(MemoryRouter),
+    Mqtt(MqttRouter),
+}
+
+/// A fresh message id: 128 bits in upper-case hex, like `emqx_guid`.
+/// Microseconds, a per-process salt and a counter keep it unique.
+pub(crate) fn new_message_id() -> String {
+    static SALT: OnceLock<u32> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let salt = *SALT.get_or_init(rand::random);
+    let seq = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF;
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default();
+    format!("{micros:016X}{salt:08X}{seq:08X}")
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// A message as EMQX's exproto channel hands it to `OnReceivedMessages`.
+pub(crate) fn make_message(
+    node: &str,
+    from: &str,
+    topic: &str,
+    qos: u32,
+    payload: Vec<u8>,
+) -> pb::Message {
+    pb::Message {
+        node: node.to_owned(),
+        id: new_message_id(),
+        qos,
+        from: from.to_owned(),
+        topic: topic.to_owned(),
+        payload,
+        timestamp: now_ms(),
+    }
+}
+
+/// EMQX's exproto channel delivers with the publish qos, so only the
+/// queue is kept per subscription.
+struct Subscriber {
+    tx: DeliverTx,
+}
+
+/// Subscriptions by filter, then by connection sequence number.
+#[derive(Default)]
+pub(crate) struct MemoryRouter {
+    table: RwLock<HashMap<String, HashMap<u64, Subscriber>>>,
+}
+
+impl MemoryRouter {
+    pub fn subscribe(&self, conn: u64, filter: &str, tx: DeliverTx) {
+        self.table
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(filter.to_owned())
+            .or_default()
+            .insert(conn, Subscriber { tx });
+    }
+
+    pub fn unsubscribe(&self, conn: u64, filter: &str) {
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(subs) = table.get_mut(filter) {
+            subs.remove(&conn);
+            if subs.is_empty() {
+                table.remove(filter);
+            }
+        }
+    }
+
+    pub fn unsubscribe_all<'a>(&self, conn: u64, filters: impl IntoIterator<Item = &'a String>) {
+        for f in filters {
+            self.unsubscribe(conn, f);
+        }
+    }
+
+    /// Delivers one copy per matching subscription (EMQX delivers a copy
+    /// for each of a client's overlapping subscriptions). Returns how many
+    /// copies were queued.
+    pub fn publish(&self, msg: &pb::Message) -> usize {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let mut queued = 0;
+        for (filter, subs) in table.iter() {
+            if !topic::matches(&msg.topic, filter) {
+                continue;
+            }
+            for (conn, sub) in subs {
+                match sub.tx.try_send(msg.clone()) {
+                    Ok(()) => queued += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(conn, filter, "delivery queue full, message dropped");
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        queued
+    }
+
+    #[cfg(test)]
+    fn filters(&self) -> usize {
+        self.table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn routes_by_filter_with_one_copy_per_subscription() {
+        let r = MemoryRouter::default();
+        let (tx1, mut rx1) = mpsc::channel(8);
+        let (tx2, mut rx2) = mpsc::channel(8);
+        r.subscribe(1, "chat/#", tx1.clone());
+        r.subscribe(1, "chat/+", tx1);
+        r.subscribe(2, "other", tx2);
+        let m = make_message("n", "alice", "chat/lobby", 1, b"hi".to_vec());
+        assert_eq!(r.publish(&m), 2);
+        assert_eq!(rx1.recv().await.unwrap().payload, b"hi");
+        assert_eq!(rx1.recv().await.unwrap().from, "alice");
+        assert!(rx2.try_recv().is_err());
+        r.unsubscribe_all(1, &["chat/#".to_owned(), "chat/+".to_owned()]);
+        assert_eq!(r.publish(&m), 0);
+        assert_eq!(r.filters(), 1);
+    }
+
+    #[test]
+    fn full_queues_drop_instead_of_blocking() {
+        let r = MemoryRouter::default();
+        let (tx, _rx) = mpsc::channel(1);
+        r.subscribe(1, "t", tx);
+        let m = make_message("n", "", "t", 0, Vec::new());
+        assert_eq!(r.publish(&m), 1);
+        assert_eq!(r.publish(&m), 0);
+    }
+
+    #[test]
+    fn message_ids_are_unique_hex() {
+        let a = new_message_id();
+        let b = new_message_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
+    }
+}
