@@ -23,7 +23,7 @@ async fn adapter_service_stops_and_restarts_while_sockets_stay_open() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     let probe = pb::SendBytesRequest {
         conn: conn.clone(),
-        bytes: Vec::new(),
+        bytes: Default::default(),
     };
     assert!(s.adapter.send(probe.clone()).await.is_err());
     // The handler still hears the client; its replies cannot get through.
@@ -87,7 +87,7 @@ async fn failing_handler_calls_close_only_that_connection() {
     assert_eq!(doomed.eof().await, "");
     let probe = pb::SendBytesRequest {
         conn,
-        bytes: Vec::new(),
+        bytes: Default::default(),
     };
     assert_eq!(
         code(s.adapter.send(probe).await).0,

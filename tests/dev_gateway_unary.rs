@@ -15,7 +15,7 @@ use exproto_adapter::pb::ResultCode;
 fn send(conn: &str, bytes: &[u8]) -> pb::SendBytesRequest {
     pb::SendBytesRequest {
         conn: conn.to_owned(),
-        bytes: bytes.to_vec(),
+        bytes: bytes::Bytes::copy_from_slice(bytes),
     }
 }
 
@@ -123,7 +123,7 @@ async fn result_codes_follow_emqx() {
         conn: conn.clone(),
         topic: "t".into(),
         qos,
-        payload: b"p".to_vec(),
+        payload: bytes::Bytes::from_static(b"p"),
     };
     let subreq = |qos| pb::SubscribeRequest {
         conn: conn.clone(),
@@ -203,7 +203,7 @@ async fn result_codes_follow_emqx() {
         (m.topic.as_str(), m.from.as_str(), m.qos),
         ("t", "alice", 1)
     );
-    assert_eq!(m.payload, b"p");
+    assert_eq!(m.payload, &b"p"[..]);
     assert_eq!(m.node, "emqx@127.0.0.1");
     assert_eq!(m.id.len(), 32);
     let now_ms = std::time::SystemTime::now()
@@ -459,7 +459,7 @@ async fn messages_queued_behind_a_slow_call_are_batched_in_order() {
         let req = pb::RawPublishRequest {
             topic: "news".into(),
             qos: 0,
-            payload: format!("{i}").into_bytes(),
+            payload: format!("{i}").into_bytes().into(),
         };
         assert_eq!(code(a.raw_publish(req).await).0, ResultCode::Success);
     }

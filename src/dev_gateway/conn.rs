@@ -65,7 +65,7 @@ type Reply = oneshot::Sender<pb::CodeResponse>;
 #[derive(Debug)]
 pub(crate) enum ConnCmd {
     Send {
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
         reply: Reply,
     },
     Close {
@@ -83,7 +83,7 @@ pub(crate) enum ConnCmd {
     Publish {
         topic: String,
         qos: u32,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
         reply: Reply,
     },
     Subscribe {
@@ -471,7 +471,7 @@ impl Conn {
                 self.idle_deadline = None;
                 self.enqueue(HandlerEvent::Bytes(pb::ReceivedBytesRequest {
                     conn: self.id.to_string(),
-                    bytes: buf[..n].to_vec(),
+                    bytes: bytes::Bytes::copy_from_slice(&buf[..n]),
                 }));
             }
             Err(e) => self.close_socket(io_reason(&e)),
@@ -680,7 +680,12 @@ impl Conn {
         }
     }
 
-    async fn publish(&mut self, topic_name: &str, qos: u32, payload: Vec<u8>) -> pb::CodeResponse {
+    async fn publish(
+        &mut self,
+        topic_name: &str,
+        qos: u32,
+        payload: bytes::Bytes,
+    ) -> pb::CodeResponse {
         let Some(clientid) = self.connected_clientid() else {
             return codes::unexpected_call();
         };

@@ -83,7 +83,12 @@ impl MqttRouter {
         MqttSession::connect(&self.url, clientid, &self.node, Some(deliver), Some(lost)).await
     }
 
-    pub async fn raw_publish(&self, topic: &str, qos: u32, payload: Vec<u8>) -> Result<(), String> {
+    pub async fn raw_publish(
+        &self,
+        topic: &str,
+        qos: u32,
+        payload: bytes::Bytes,
+    ) -> Result<(), String> {
         self.raw.publish("exproto", topic, qos, payload).await
     }
 }
@@ -151,7 +156,7 @@ impl MqttSession {
         from: &str,
         topic: &str,
         qos: u32,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
     ) -> Result<(), String> {
         let qos = to_qos(qos)?;
         let props = PublishProperties {
@@ -308,7 +313,7 @@ fn deliver(d: &Driver, p: Publish) {
         })
         .unwrap_or_default();
     let topic = String::from_utf8_lossy(&p.topic);
-    let msg = make_message(&d.node, from, &topic, p.qos as u32, p.payload.to_vec());
+    let msg = make_message(&d.node, from, &topic, p.qos as u32, p.payload.clone());
     if tx.try_send(msg).is_err() {
         tracing::warn!("delivery queue full or closed, MQTT message dropped");
     }

@@ -52,7 +52,7 @@ pub(crate) fn make_message(
     from: &str,
     topic: &str,
     qos: u32,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
 ) -> pb::Message {
     pb::Message {
         node: node.to_owned(),
@@ -147,9 +147,15 @@ mod tests {
         r.subscribe(1, "chat/#", tx1.clone());
         r.subscribe(1, "chat/+", tx1);
         r.subscribe(2, "other", tx2);
-        let m = make_message("n", "alice", "chat/lobby", 1, b"hi".to_vec());
+        let m = make_message(
+            "n",
+            "alice",
+            "chat/lobby",
+            1,
+            bytes::Bytes::from_static(b"hi"),
+        );
         assert_eq!(r.publish(&m), 2);
-        assert_eq!(rx1.recv().await.unwrap().payload, b"hi");
+        assert_eq!(rx1.recv().await.unwrap().payload, &b"hi"[..]);
         assert_eq!(rx1.recv().await.unwrap().from, "alice");
         assert!(rx2.try_recv().is_err());
         r.unsubscribe_all(1, &["chat/#".to_owned(), "chat/+".to_owned()]);
@@ -162,7 +168,7 @@ mod tests {
         let r = MemoryRouter::default();
         let (tx, _rx) = mpsc::channel(1);
         r.subscribe(1, "t", tx);
-        let m = make_message("n", "", "t", 0, Vec::new());
+        let m = make_message("n", "", "t", 0, bytes::Bytes::new());
         assert_eq!(r.publish(&m), 1);
         assert_eq!(r.publish(&m), 0);
     }

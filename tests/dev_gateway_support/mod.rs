@@ -126,7 +126,7 @@ fn created(r: pb::SocketCreatedRequest) -> Ev {
 fn bytes(r: pb::ReceivedBytesRequest) -> Ev {
     Ev::Bytes {
         conn: r.conn,
-        bytes: r.bytes,
+        bytes: r.bytes.to_vec(),
     }
 }
 fn timer(r: pb::TimerTimeoutRequest) -> Ev {
@@ -360,7 +360,7 @@ async fn send_line(a: &mut Adapter, conn: &str, line: String) {
     let _ = a
         .send(pb::SendBytesRequest {
             conn: conn.to_owned(),
-            bytes: format!("{line}\n").into_bytes(),
+            bytes: format!("{line}\n").into_bytes().into(),
         })
         .await;
 }
@@ -476,7 +476,7 @@ async fn command(a: &mut Adapter, conn: &str, line: &str) -> Option<String> {
                 conn,
                 topic: w1,
                 qos: 0,
-                payload: rest.into_bytes(),
+                payload: rest.into_bytes().into(),
             })
             .await,
         ),
@@ -485,7 +485,7 @@ async fn command(a: &mut Adapter, conn: &str, line: &str) -> Option<String> {
             a.raw_publish(pb::RawPublishRequest {
                 topic: w1,
                 qos: 0,
-                payload: rest.into_bytes(),
+                payload: rest.into_bytes().into(),
             })
             .await,
         ),
