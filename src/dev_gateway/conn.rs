@@ -554,7 +554,7 @@ impl Conn {
         match cmd {
             ConnCmd::Send { bytes, reply } => {
                 if let Some(w) = &self.writer {
-                    if !bytes.is_empty() && w.send(Bytes::from(bytes)).await.is_err() {
+                    if !bytes.is_empty() && w.send(bytes).await.is_err() {
                         tracing::debug!("writer gone, bytes dropped");
                     }
                 }
