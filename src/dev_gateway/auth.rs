@@ -26,25 +26,7 @@ pub enum AuthConfigError {
     BadRuleFilter { rule: String, filter: String },
 }
 
-/// A password that never shows in logs or `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use crate::protocol::Secret;
 
 /// The known users, like EMQX's built-in database authenticator.
 #[derive(Debug, Clone, Default)]

@@ -1,6 +1,9 @@
 //! MQTT topic rules as EMQX applies them: filter matching (used by the
 //! in-memory router and by deny rules) and the validity checks the stand-in
-//! runs before it routes anything.
+//! runs before it routes anything. The rules themselves are the ones the
+//! chat protocol checks; this module words them as the gateway asks.
+
+use crate::protocol::chat::topic as shared;
 
 /// Whether the topic `name` is matched by `filter` (MQTT 3.1.1 §4.7).
 ///
@@ -12,44 +15,18 @@
 /// it are then plain words, as in EMQX's `emqx_topic:match/2` (a rule for
 /// `admin/#` denies `admin/#` and `admin/x`, not `#`).
 pub fn matches(name: &str, filter: &str) -> bool {
-    let first = filter.split('/').next().unwrap_or_default();
-    if name.starts_with('$') && (first == "+" || first == "#") {
-        return false;
-    }
-    let mut names = name.split('/');
-    let mut filters = filter.split('/');
-    loop {
-        match (filters.next(), names.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(f), Some(n)) if f == n => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+    shared::matches(filter, name)
 }
-
-/// MQTT's longest topic: its length is a 16-bit field.
-const MAX_TOPIC_LEN: usize = 65_535;
 
 /// A topic name that can be published to: not empty, no NUL, no wildcard.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_TOPIC_LEN && !name.contains(['\0', '+', '#'])
+    shared::validate_name(name).is_ok()
 }
 
 /// A topic filter that can be subscribed to: not empty, no NUL, `+` and `#`
 /// only as whole levels, `#` only as the last level.
 pub fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.len() > MAX_TOPIC_LEN || filter.contains('\0') {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, level)| match *level {
-        "+" => true,
-        "#" => i == last,
-        other => !other.contains(['+', '#']),
-    })
+    shared::validate_filter(filter).is_ok()
 }
 
 #[cfg(test)]
@@ -109,6 +86,6 @@ mod tests {
         for bad in ["", "a/#/b", "a#", "a/b+", "+a", "a\0", "#/"] {
             assert!(!valid_filter(bad), "{bad:?}");
         }
-        assert!(!valid_name(&"x".repeat(MAX_TOPIC_LEN + 1)));
+        assert!(!valid_name(&"x".repeat(shared::MAX_TOPIC_LEN + 1)));
     }
 }

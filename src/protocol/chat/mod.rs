@@ -17,8 +17,10 @@
 //! - a CONNECT without a clientid (or with an empty one) authenticates as
 //!   `chat-` and 16 hex digits of the session's seed, the same on a retry;
 //! - a topic name or filter is at most 65,535 bytes (MQTT's limit);
-//! - an EMQX refusal with no text is worded `not authorized`, a failure
-//!   with no text `gateway failed`; otherwise EMQX's text is passed on.
+//! - EMQX's failures are worded by the adapter, not passed on (EMQX's texts
+//!   are printed Erlang terms): a refused CONNECT is `ERR 401 :authentication
+//!   refused`, a refused SUB/PUB `ERR 403 :not authorized`, other failures
+//!   `ERR 500 :gateway failed`, no answer `ERR 503 :emqx unreachable`.
 
 mod command;
 mod encode;
