@@ -1,0 +1,48 @@
+//! Serves the `binproto` example protocol with the library's server:
+//!
+//! ```sh
+//! cargo run --example binproto -- serve --listen 127.0.0.1:9001 --emqx http://127.0.0.1:9100
+//! ```
+//!
+//! Everything but the protocol (flags, gRPC services, EMQX client, session
+//! registry) is the library's.
+
+mod protocol;
+
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use exproto_adapter::config::ServeArgs;
+use exproto_adapter::server;
+
+/// An ExProto handler for a length-prefixed binary protocol.
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the handler services for binproto clients.
+    Serve(ServeArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let Command::Serve(args) = Cli::parse().command;
+    // The one line that registers the protocol.
+    let mut adapter = server::start_with(&args.to_config(), Arc::new(protocol::BinProto)).await?;
+    adapter
+        .wait(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
