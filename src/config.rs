@@ -115,6 +115,21 @@ pub struct ServeArgs {
     /// (the default: streaming mode holds up to five per client).
     #[arg(long, env = "EXPROTO_MAX_STREAMS", default_value_t = 0)]
     pub max_streams: u32,
+
+    /// Publishes per second one connection may make (bursts up to that
+    /// many); more get `ERR 429`. 0 is no limit.
+    #[arg(long, env = "EXPROTO_MAX_PUBLISH_RATE", default_value_t = 0)]
+    pub max_publish_rate: u32,
+
+    /// Sessions served at once; a new socket over it gets
+    /// `ERR 429 :too many connections` and is closed. 0 is no limit.
+    #[arg(long, env = "EXPROTO_MAX_SESSIONS", default_value_t = 100_000)]
+    pub max_sessions: usize,
+
+    /// EMQX calls in flight at once over all sessions; a call that waits
+    /// longer than --call-timeout for a place fails with `ERR 503`.
+    #[arg(long, env = "EXPROTO_MAX_PENDING_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_calls: u32,
 }
 
 impl Default for ServeArgs {
@@ -143,6 +158,7 @@ impl ServeArgs {
                 login_timeout: self.login_timeout,
                 keepalive: self.keepalive,
                 max_subscriptions: self.max_subscriptions,
+                max_publish_rate: self.max_publish_rate,
             },
             driver: DriverConfig {
                 send_retry: self.send_retry,
@@ -150,6 +166,11 @@ impl ServeArgs {
                 max_held_bytes: self.max_line,
                 max_queued_events: self.max_queued_events.max(1),
                 idle_probe: self.idle_probe,
+                max_sessions: self.max_sessions,
+                max_pending_calls: usize::try_from(self.max_pending_calls).unwrap_or(usize::MAX),
+                // A call may wait for a place as long as it may wait for
+                // EMQX: either way the command ends in a 503 in time.
+                pending_wait: self.call_timeout,
             },
             max_concurrent_streams: (self.max_streams > 0).then_some(self.max_streams),
         }
@@ -183,5 +204,47 @@ mod tests {
         assert_eq!(c.driver.send_retry, Duration::from_secs(30));
         assert_eq!(c.driver.created_wait, Duration::from_secs(2));
         assert_eq!(c.max_concurrent_streams, None);
+        assert_eq!(c.protocol.max_publish_rate, 0, "off by default");
+        assert_eq!(c.driver.max_sessions, 100_000);
+        assert_eq!(c.driver.max_pending_calls, 1024);
+        assert_eq!(c.driver.pending_wait, c.call_timeout);
+    }
+
+    #[test]
+    fn limit_flags_and_their_environment_variables() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let c = Wrap::parse_from([
+            "serve",
+            "--max-publish-rate",
+            "5",
+            "--max-sessions",
+            "7",
+            "--max-pending-calls",
+            "3",
+        ])
+        .args
+        .to_config();
+        assert_eq!(c.protocol.max_publish_rate, 5);
+        assert_eq!(c.driver.max_sessions, 7);
+        assert_eq!(c.driver.max_pending_calls, 3);
+        assert!(Wrap::try_parse_from(["serve", "--max-pending-calls", "0"]).is_err());
+        // Every flag has its EXPROTO_ variable (clap knows them by name).
+        let cmd = <Wrap as clap::CommandFactory>::command();
+        for (flag, var) in [
+            ("max_publish_rate", "EXPROTO_MAX_PUBLISH_RATE"),
+            ("max_sessions", "EXPROTO_MAX_SESSIONS"),
+            ("max_pending_calls", "EXPROTO_MAX_PENDING_CALLS"),
+        ] {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == flag)
+                .unwrap_or_else(|| panic!("no flag {flag}"));
+            assert_eq!(arg.get_env().and_then(|v| v.to_str()), Some(var));
+        }
     }
 }

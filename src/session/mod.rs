@@ -6,19 +6,27 @@
 //! worker feeds events to the sans-IO [`Session`] one at a time, carries out
 //! the actions it returns (coalescing its output into as few `Send`s as the
 //! order allows) and feeds each call's outcome back before the next event.
+//!
+//! Global limits live here too, since only the driver sees every session:
+//! how many sessions are served (`max_sessions`: a new socket over it is
+//! turned away without a session) and how many EMQX calls may be pending at
+//! once (`max_pending_calls`: a semaphore every call takes a permit from, so
+//! a slow EMQX cannot make the adapter pile up work without bound).
 
 mod timers;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
 use crate::emqx::{ConnectionAdapter, EmqxError, Op};
-use crate::protocol::{Action, Call, CallResult, Event, Protocol, Session, SessionInit};
+use crate::protocol::{Action, Call, CallResult, Event, Protocol, Refusal, Session, SessionInit};
 use crate::registry::{Entry, Item, Orphan, Registry};
 use timers::Timers;
 
@@ -39,6 +47,16 @@ pub struct DriverConfig {
     /// A session silent this long is probed with an empty `Send`, so
     /// sessions whose `OnSocketClosed` was lost are reclaimed.
     pub idle_probe: Duration,
+    /// Sessions served at once; a new socket over it is told so and closed
+    /// without a session. 0 is no limit.
+    pub max_sessions: usize,
+    /// EMQX calls in flight at once, over all sessions (at least 1). A slow
+    /// EMQX then stalls workers, which fills mailboxes, which slows EMQX's
+    /// handler calls down, instead of growing work without bound.
+    pub max_pending_calls: usize,
+    /// How long a call waits for one of those places before it fails as
+    /// if EMQX were unreachable (the command gets its 503).
+    pub pending_wait: Duration,
 }
 
 impl Default for DriverConfig {
@@ -49,6 +67,9 @@ impl Default for DriverConfig {
             max_held_bytes: 65_536,
             max_queued_events: 64,
             idle_probe: Duration::from_secs(120),
+            max_sessions: 100_000,
+            max_pending_calls: 1024,
+            pending_wait: Duration::from_secs(5),
         }
     }
 }
@@ -60,6 +81,17 @@ pub struct Driver {
     emqx: Arc<dyn ConnectionAdapter>,
     timers: Timers,
     config: DriverConfig,
+    /// Sessions admitted and not yet ended, for `max_sessions`. Counted
+    /// apart from the map so that admitting is one atomic step.
+    live: AtomicUsize,
+    /// Places for EMQX calls in flight (`max_pending_calls`).
+    pending: Semaphore,
+    /// Set while calls wait too long for a place, so that is logged once
+    /// per episode rather than once per call.
+    saturated: AtomicBool,
+    /// Set while new sockets are being turned away for `max_sessions`, for
+    /// the same reason.
+    full: AtomicBool,
 }
 
 /// Whether a session goes on after an item.
@@ -87,6 +119,10 @@ impl Driver {
                 protocol,
                 emqx,
                 timers,
+                live: AtomicUsize::new(0),
+                pending: Semaphore::new(config.max_pending_calls.clamp(1, Semaphore::MAX_PERMITS)),
+                saturated: AtomicBool::new(false),
+                full: AtomicBool::new(false),
                 config,
             }
         });
@@ -121,7 +157,16 @@ impl Driver {
     /// events can overtake the conn's `OnSocketCreated`.
     pub async fn dispatch(self: &Arc<Self>, conn: &str, event: Event, may_reorder: bool) {
         let entry = match event {
-            Event::Created(_) => self.create(conn, event),
+            Event::Created(_) => match self.create(conn, event) {
+                Ok(entry) => entry,
+                Err(refusal) => {
+                    // Answered only once the socket is told and closed: in
+                    // unary mode EMQX sends this conn nothing more until
+                    // then, so no stray `session lost` line can overtake.
+                    self.refuse(conn, refusal).await;
+                    None
+                }
+            },
             Event::Closed(_) | Event::TimerFired(_) => match self.registry.get(conn) {
                 Some(e) => {
                     self.enqueue(&e, Item::Event(event));
@@ -155,14 +200,15 @@ impl Driver {
         }
     }
 
-    fn create(self: &Arc<Self>, conn: &str, created: Event) -> Option<Arc<Entry>> {
+    /// Registers a session for a new socket, or says why it is refused.
+    fn create(self: &Arc<Self>, conn: &str, created: Event) -> Result<Option<Arc<Entry>>, Refusal> {
         let conn: Arc<str> = conn.into();
         // Holding the orphan slot while registering the session makes
         // "held events move to the session" atomic against `hold`.
         let slot = self.registry.orphans.entry(conn.clone());
         if self.registry.sessions.contains_key(&conn) {
             warn!(%conn, "duplicate OnSocketCreated ignored");
-            return None;
+            return Ok(None);
         }
         let held = match slot {
             dashmap::Entry::Occupied(o) => o.remove().events,
@@ -170,6 +216,10 @@ impl Driver {
         };
         // The created-wait deadline (if any) is not the session's.
         self.timers.set(&conn, None);
+        if !self.admit() {
+            // Held events go with the refused socket.
+            return Err(Refusal::TooManyConnections);
+        }
         let session = self.protocol.new_session(SessionInit {
             random: rand::random(),
         });
@@ -181,7 +231,39 @@ impl Driver {
         }
         self.registry.sessions.insert(conn, entry.clone());
         self.start_worker(&entry);
-        Some(entry)
+        Ok(Some(entry))
+    }
+
+    /// Takes a place for a new session under `max_sessions`.
+    fn admit(&self) -> bool {
+        let max = self.config.max_sessions;
+        let admitted = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            if self.full.load(Ordering::Relaxed) {
+                self.full.store(false, Ordering::Relaxed);
+            }
+        } else if !self.full.swap(true, Ordering::Relaxed) {
+            warn!(max, "session limit reached; refusing new sockets");
+        }
+        admitted
+    }
+
+    /// Tells a new socket why it is not served, then closes it. One try
+    /// each: a refused socket is not worth retries while EMQX struggles.
+    async fn refuse(&self, conn: &str, refusal: Refusal) {
+        debug!(%conn, ?refusal, "new socket refused");
+        let bytes = self.protocol.refusal_bytes(refusal);
+        if !bytes.is_empty() {
+            if let Err(EmqxError::Gone) = self.call_emqx(conn, Op::Send(bytes)).await {
+                return;
+            }
+        }
+        let _ = self.call_emqx(conn, Op::Call(Call::Close)).await;
     }
 
     /// Keeps an event for a conn that is not created yet, for a bounded time
@@ -328,7 +410,9 @@ impl Driver {
 
     fn end(&self, entry: &Arc<Entry>, why: &'static str) {
         debug!(conn = %entry.conn, why, "session ended");
-        self.registry.remove(entry);
+        if self.registry.remove(entry) {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
         self.timers.set(&entry.conn, None);
         {
             let mut inner = entry.lock();
@@ -349,7 +433,7 @@ impl Driver {
         let conn = &entry.conn;
         let event = match item {
             Item::Probe => {
-                return match self.emqx.call(conn, Op::Send(Bytes::new())).await {
+                return match self.call_emqx(conn, Op::Send(Bytes::new())).await {
                     Err(EmqxError::Gone) => Flow::End("gone (probe)"),
                     _ => Flow::Continue,
                 }
@@ -357,6 +441,7 @@ impl Driver {
             Item::Event(e) => e,
         };
         let closed = matches!(event, Event::Closed(_));
+        session.set_time(self.registry.now_ms());
         session.handle(event, actions);
         let mut out = BytesMut::new();
         loop {
@@ -383,7 +468,7 @@ impl Driver {
             let result = if is_close {
                 self.deliver(conn, op).await
             } else {
-                self.emqx.call(conn, op).await
+                self.call_emqx(conn, op).await
             };
             let reply = match result {
                 Ok(()) => CallResult::Ok,
@@ -400,6 +485,7 @@ impl Driver {
                     debug!(%conn, method, ?reply, "EMQX call failed");
                 }
             }
+            session.set_time(self.registry.now_ms());
             session.handle(Event::Reply(reply), actions);
         }
         if !out.is_empty() {
@@ -414,13 +500,39 @@ impl Driver {
         }
     }
 
+    /// One call to EMQX, in one of the `max_pending_calls` places. Waiting
+    /// for a place is bounded by `pending_wait`; past it the call fails as
+    /// unreachable, which a command reports as 503.
+    async fn call_emqx(&self, conn: &str, op: Op) -> Result<(), EmqxError> {
+        let permit =
+            match tokio::time::timeout(self.config.pending_wait, self.pending.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                // The semaphore is never closed; treat it like a full one.
+                Ok(Err(_)) | Err(_) => {
+                    if !self.saturated.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            max = self.config.max_pending_calls,
+                            "too many EMQX calls pending; failing calls that wait too long"
+                        );
+                    }
+                    return Err(EmqxError::Unreachable("too many pending calls".into()));
+                }
+            };
+        if self.saturated.load(Ordering::Relaxed) && self.saturated.swap(false, Ordering::Relaxed) {
+            info!("EMQX calls flow again");
+        }
+        let result = self.emqx.call(conn, op).await;
+        drop(permit);
+        result
+    }
+
     /// A call that must get through: retried with backoff while EMQX is
     /// unreachable, for at most `send_retry`. Giving up drops it.
     async fn deliver(&self, conn: &str, op: Op) -> Result<(), EmqxError> {
         let give_up = Instant::now() + self.config.send_retry;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.emqx.call(conn, op.clone()).await {
+            match self.call_emqx(conn, op.clone()).await {
                 Err(EmqxError::Unreachable(e)) => {
                     if Instant::now() + backoff >= give_up {
                         warn!(%conn, method = op.method(), error = %e, "gave up delivering to EMQX");
