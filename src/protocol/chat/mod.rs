@@ -23,6 +23,7 @@
 mod command;
 mod encode;
 mod escape;
+pub mod fuzz;
 mod parser;
 mod session;
 pub mod topic;
