@@ -130,6 +130,12 @@ pub struct ServeArgs {
     /// longer than --call-timeout for a place fails with `ERR 503`.
     #[arg(long, env = "EXPROTO_MAX_PENDING_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_calls: u32,
+
+    /// Seconds a shutdown (SIGTERM or SIGINT) lets work in flight finish
+    /// while new sockets get `ERR 503 :shutting down`; a second signal
+    /// exits at once.
+    #[arg(long, env = "EXPROTO_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds, value_name = "SECONDS")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeArgs {
@@ -173,6 +179,7 @@ impl ServeArgs {
                 pending_wait: self.call_timeout,
             },
             max_concurrent_streams: (self.max_streams > 0).then_some(self.max_streams),
+            shutdown_grace: self.shutdown_grace,
         }
     }
 }
@@ -208,6 +215,7 @@ mod tests {
         assert_eq!(c.driver.max_sessions, 100_000);
         assert_eq!(c.driver.max_pending_calls, 1024);
         assert_eq!(c.driver.pending_wait, c.call_timeout);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
     }
 
     #[test]
@@ -239,6 +247,7 @@ mod tests {
             ("max_publish_rate", "EXPROTO_MAX_PUBLISH_RATE"),
             ("max_sessions", "EXPROTO_MAX_SESSIONS"),
             ("max_pending_calls", "EXPROTO_MAX_PENDING_CALLS"),
+            ("shutdown_grace", "EXPROTO_SHUTDOWN_GRACE"),
         ] {
             let arg = cmd
                 .get_arguments()

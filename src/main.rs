@@ -22,25 +22,50 @@ enum Command {
     Serve(ServeArgs),
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT, as a stream: the first starts a graceful shutdown,
+/// the second ends the process at once. One listener for both, set up
+/// before serving, so no signal falls between the two.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    /// The next signal.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.term) => {}
+                () = recv(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[tokio::main]
@@ -53,8 +78,29 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
+            let mut signals = Signals::new();
             let mut adapter = server::start(&args.to_config()).await?;
-            adapter.wait(shutdown_signal()).await?;
+            let (first, first_rx) = tokio::sync::oneshot::channel::<()>();
+            let mut first = Some(first);
+            let running = adapter.wait(async {
+                let _ = first_rx.await;
+            });
+            tokio::pin!(running);
+            loop {
+                tokio::select! {
+                    r = &mut running => break r?,
+                    () = signals.next() => match first.take() {
+                        Some(first) => {
+                            tracing::info!("signal received; a second one exits at once");
+                            let _ = first.send(());
+                        }
+                        None => {
+                            tracing::warn!("second signal; exiting without waiting");
+                            std::process::exit(1);
+                        }
+                    },
+                }
+            }
         }
     }
     Ok(())

@@ -35,6 +35,9 @@ pub struct AdapterConfig {
     /// HTTP/2 streams per EMQX connection; `None` is unlimited. Streaming
     /// mode holds up to five per client connection, so a low cap stalls.
     pub max_concurrent_streams: Option<u32>,
+    /// How long a shutdown lets in-flight work finish before the server
+    /// stops anyway.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for AdapterConfig {
@@ -47,6 +50,7 @@ impl Default for AdapterConfig {
             protocol: ProtocolConfig::default(),
             driver: DriverConfig::default(),
             max_concurrent_streams: None,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -57,6 +61,8 @@ pub struct RunningAdapter {
     driver: Arc<Driver>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The bound on a shutdown's drain (`AdapterConfig::shutdown_grace`).
+    grace: Duration,
 }
 
 impl RunningAdapter {
@@ -70,33 +76,56 @@ impl RunningAdapter {
         &self.driver
     }
 
-    /// Stops accepting calls, lets in-flight calls finish and waits for the
-    /// server to stop.
+    /// Shuts down gracefully, within about `shutdown_grace`: new sockets
+    /// get the protocol's shutting-down line and are closed, work already
+    /// taken (calls to EMQX, replies) finishes, then the server stops.
+    /// Handler streams still open when the time is up are cut.
     ///
     /// # Errors
     /// When the server failed while running.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.await.context("adapter server task")??;
-        Ok(())
+        self.stop_gracefully().await
     }
 
-    /// Waits until the server stops by itself (it only does on error).
+    /// Runs until `signal` resolves, then shuts down as
+    /// [`shutdown`](Self::shutdown) does; returns early if the server
+    /// stops by itself (it only does on error).
     ///
     /// # Errors
     /// When the server failed.
     pub async fn wait(&mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::select! {
             r = &mut self.task => { r.context("adapter server task")??; }
-            () = signal => {
-                if let Some(stop) = self.stop.take() {
-                    let _ = stop.send(());
-                }
-                (&mut self.task).await.context("adapter server task")??;
+            () = signal => self.stop_gracefully().await?,
+        }
+        Ok(())
+    }
+
+    async fn stop_gracefully(&mut self) -> anyhow::Result<()> {
+        let started = tokio::time::Instant::now();
+        tracing::info!(grace = ?self.grace, "shutting down: refusing new sockets, finishing work in flight");
+        self.driver.begin_shutdown();
+        if !self.driver.drain(self.grace).await {
+            tracing::warn!(grace = ?self.grace, "work still in flight after the grace period; stopping anyway");
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // tonic waits for open requests; a streaming-mode stream stays open
+        // as long as its EMQX connection, so the wait is bounded too. What
+        // is left of the grace, but enough for answers already on their way.
+        let left = self
+            .grace
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(500));
+        match tokio::time::timeout(left, &mut self.task).await {
+            Ok(r) => r.context("adapter server task")??,
+            Err(_) => {
+                tracing::warn!("handler connections still open; closing them");
+                self.task.abort();
             }
         }
+        tracing::info!(took = ?started.elapsed(), "adapter stopped");
         Ok(())
     }
 }
@@ -168,5 +197,6 @@ pub fn serve(
         driver,
         stop: Some(stop),
         task,
+        grace: config.shutdown_grace,
     })
 }

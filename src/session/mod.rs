@@ -12,6 +12,10 @@
 //! turned away without a session) and how many EMQX calls may be pending at
 //! once (`max_pending_calls`: a semaphore every call takes a permit from, so
 //! a slow EMQX cannot make the adapter pile up work without bound).
+//!
+//! Shutdown drains: [`Driver::begin_shutdown`] turns new sockets away, and
+//! [`Driver::drain`] waits until no worker, handler call or notice task is
+//! busy, so commands already taken get their replies.
 
 mod timers;
 
@@ -92,6 +96,36 @@ pub struct Driver {
     /// Set while new sockets are being turned away for `max_sessions`, for
     /// the same reason.
     full: AtomicBool,
+    /// Set once shutdown begins: new sockets are refused from then on.
+    shutting_down: AtomicBool,
+    /// Work in progress, so a shutdown knows when it may stop.
+    activity: Arc<Activity>,
+}
+
+/// Counts work in progress (workers, handler calls, notice tasks) and wakes
+/// a drain when it reaches zero.
+#[derive(Default)]
+struct Activity {
+    busy: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One unit of work in progress; dropping it ends it.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Whether a session goes on after an item.
@@ -123,6 +157,8 @@ impl Driver {
                 pending: Semaphore::new(config.max_pending_calls.clamp(1, Semaphore::MAX_PERMITS)),
                 saturated: AtomicBool::new(false),
                 full: AtomicBool::new(false),
+                shutting_down: AtomicBool::new(false),
+                activity: Arc::default(),
                 config,
             }
         });
@@ -150,12 +186,43 @@ impl Driver {
         &self.protocol
     }
 
+    /// Starts a shutdown: from now on a new socket gets the protocol's
+    /// shutting-down line and is closed without a session. Sessions that
+    /// exist are served as before.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`begin_shutdown`](Self::begin_shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no work is in progress (no worker running, no handler
+    /// call being dispatched, no notice being delivered), or `grace` has
+    /// passed. Returns whether the driver went idle in time.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.activity.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if self.activity.busy.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(grace, wait).await.is_ok()
+    }
+
     /// Hands one event from EMQX to its connection, in arrival order.
     ///
     /// Returns once the event is queued (waiting only while the connection's
     /// mailbox is full). `may_reorder` is set by the streaming service, where
     /// events can overtake the conn's `OnSocketCreated`.
     pub async fn dispatch(self: &Arc<Self>, conn: &str, event: Event, may_reorder: bool) {
+        let _busy = Busy::new(&self.activity);
         let entry = match event {
             Event::Created(_) => match self.create(conn, event) {
                 Ok(entry) => entry,
@@ -216,6 +283,9 @@ impl Driver {
         };
         // The created-wait deadline (if any) is not the session's.
         self.timers.set(&conn, None);
+        if self.is_shutting_down() {
+            return Err(Refusal::ShuttingDown);
+        }
         if !self.admit() {
             // Held events go with the refused socket.
             return Err(Refusal::TooManyConnections);
@@ -310,7 +380,9 @@ impl Driver {
     fn lost(self: &Arc<Self>, conn: Arc<str>) {
         info!(%conn, "event for a connection without a session; closing it");
         let this = self.clone();
+        let busy = Busy::new(&self.activity);
         tokio::spawn(async move {
+            let _busy = busy;
             let bytes = this.protocol.lost_session_bytes();
             if this.deliver(&conn, Op::Send(bytes)).await.is_ok() {
                 let _ = this.deliver(&conn, Op::Call(Call::Close)).await;
@@ -361,7 +433,11 @@ impl Driver {
     fn spawn_worker(self: &Arc<Self>, entry: &Arc<Entry>) {
         let this = self.clone();
         let entry = entry.clone();
-        tokio::spawn(async move { this.work(entry).await });
+        let busy = Busy::new(&self.activity);
+        tokio::spawn(async move {
+            let _busy = busy;
+            this.work(entry).await;
+        });
     }
 
     async fn wait_for_room(&self, entry: &Entry) {
