@@ -18,6 +18,7 @@ use crate::pb::connection_handler_server::ConnectionHandlerServer;
 use crate::pb::connection_unary_handler_server::ConnectionUnaryHandlerServer;
 use crate::protocol::{self, Protocol, ProtocolConfig};
 use crate::session::{Driver, DriverConfig};
+use crate::tls::{EmqxTlsFiles, ServerTlsFiles};
 
 /// Everything the adapter needs to run; the CLI builds it from flags.
 #[derive(Debug, Clone)]
@@ -38,6 +39,11 @@ pub struct AdapterConfig {
     /// How long a shutdown lets in-flight work finish before the server
     /// stops anyway.
     pub shutdown_grace: Duration,
+    /// Serve the handler over TLS (EMQX's `handler.ssl_options`); `None`
+    /// serves plain HTTP/2.
+    pub tls: Option<ServerTlsFiles>,
+    /// TLS settings for an `https://` EMQX URL (`server.ssl_options`).
+    pub emqx_tls: EmqxTlsFiles,
 }
 
 impl Default for AdapterConfig {
@@ -51,6 +57,8 @@ impl Default for AdapterConfig {
             driver: DriverConfig::default(),
             max_concurrent_streams: None,
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
+            emqx_tls: EmqxTlsFiles::default(),
         }
     }
 }
@@ -150,13 +158,15 @@ pub async fn start(config: &AdapterConfig) -> anyhow::Result<RunningAdapter> {
 /// outside this crate.
 ///
 /// # Errors
-/// Bad EMQX URL, or the address cannot be bound.
+/// Bad EMQX URL, TLS files that cannot be used, or the address cannot be
+/// bound.
 pub async fn start_with(
     config: &AdapterConfig,
     protocol: Arc<dyn Protocol>,
 ) -> anyhow::Result<RunningAdapter> {
-    let emqx = GrpcAdapter::new(&config.emqx, config.call_timeout)
-        .with_context(|| format!("invalid EMQX URL {:?}", config.emqx))?;
+    let emqx_tls = crate::tls::emqx_config(&config.emqx, &config.emqx_tls)?;
+    let emqx = GrpcAdapter::with_tls(&config.emqx, config.call_timeout, emqx_tls)
+        .with_context(|| format!("invalid EMQX URL or TLS settings {:?}", config.emqx))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -167,7 +177,8 @@ pub async fn start_with(
 /// with fakes).
 ///
 /// # Errors
-/// When the listener's address cannot be read.
+/// When the listener's address cannot be read, or the TLS files cannot be
+/// used.
 pub fn serve(
     listener: TcpListener,
     config: &AdapterConfig,
@@ -175,12 +186,22 @@ pub fn serve(
     emqx: Arc<dyn ConnectionAdapter>,
 ) -> anyhow::Result<RunningAdapter> {
     let addr = listener.local_addr()?;
+    // TLS first: a bad file must fail before any task is started.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()?;
     let driver = Driver::new(protocol, emqx, config.driver.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     // tonic does not apply its own tcp_nodelay to an incoming stream we
     // hand it; Nagle would add tens of ms to every small reply.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("handler TLS settings")?;
+    }
+    let router = builder
         .max_concurrent_streams(config.max_concurrent_streams)
         .add_service(ConnectionUnaryHandlerServer::new(UnaryHandler::new(
             driver.clone(),
@@ -191,7 +212,7 @@ pub fn serve(
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
     }));
-    tracing::info!(%addr, protocol = driver.protocol().name(), "handler listening");
+    tracing::info!(%addr, protocol = driver.protocol().name(), tls = config.tls.is_some(), "handler listening");
     Ok(RunningAdapter {
         addr,
         driver,
