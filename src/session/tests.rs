@@ -533,3 +533,33 @@ async fn a_call_that_waits_too_long_for_a_place_fails_as_unreachable() {
     );
     assert!(t0.elapsed() >= Duration::from_secs(5));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_refuses_new_sockets_and_drains_work_in_flight() {
+    let mut f = fixture(DriverConfig::default());
+    f.create("a").await;
+    f.next_call().await;
+    // Hold EMQX back so "a" has a call in flight.
+    let permits = f.emqx.gate.available_permits();
+    f.emqx.gate.forget_permits(permits);
+    f.bytes("a", "call", false).await;
+    f.next_call().await;
+    f.driver.begin_shutdown();
+    assert!(f.driver.is_shutting_down());
+    // Not idle while the call hangs: the drain gives up after its grace.
+    assert!(!f.driver.drain(Duration::from_secs(1)).await);
+    f.emqx.gate.add_permits(100);
+    assert!(f.driver.drain(Duration::from_secs(1)).await);
+    assert_eq!(f.next_call().await.1, send("before\nafter Ok\n"));
+    // A socket created now is told and closed, without a session.
+    f.create("b").await;
+    assert_eq!(
+        f.next_call().await,
+        ("b".into(), send("refused ShuttingDown\n"))
+    );
+    assert_eq!(f.next_call().await, ("b".into(), Op::Call(Call::Close)));
+    assert!(f.driver.registry().get("b").is_none());
+    // Existing sessions are still served.
+    f.bytes("a", "x", false).await;
+    assert_eq!(f.next_call().await, ("a".into(), send("x")));
+}
