@@ -5,6 +5,7 @@
 //! `EXPROTO_LOGIN_TIMEOUT`). Times are plain seconds, fractions allowed.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -12,6 +13,7 @@ use clap::Args;
 use crate::protocol::ProtocolConfig;
 use crate::server::AdapterConfig;
 use crate::session::DriverConfig;
+use crate::tls::{EmqxTlsFiles, ServerTlsFiles};
 
 /// Parses a duration given in plain seconds (`2`, `0.5`, `0`).
 ///
@@ -115,6 +117,79 @@ pub struct ServeArgs {
     /// (the default: streaming mode holds up to five per client).
     #[arg(long, env = "EXPROTO_MAX_STREAMS", default_value_t = 0)]
     pub max_streams: u32,
+
+    /// Publishes per second one connection may make (bursts up to that
+    /// many); more get `ERR 429`. 0 is no limit.
+    #[arg(long, env = "EXPROTO_MAX_PUBLISH_RATE", default_value_t = 0)]
+    pub max_publish_rate: u32,
+
+    /// Sessions served at once; a new socket over it gets
+    /// `ERR 429 :too many connections` and is closed. 0 is no limit.
+    #[arg(long, env = "EXPROTO_MAX_SESSIONS", default_value_t = 100_000)]
+    pub max_sessions: usize,
+
+    /// EMQX calls in flight at once over all sessions; a call that waits
+    /// longer than --call-timeout for a place fails with `ERR 503`.
+    #[arg(long, env = "EXPROTO_MAX_PENDING_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_calls: u32,
+
+    /// Seconds a shutdown (SIGTERM or SIGINT) lets work in flight finish
+    /// while new sockets get `ERR 503 :shutting down`; a second signal
+    /// exits at once.
+    #[arg(long, env = "EXPROTO_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds, value_name = "SECONDS")]
+    pub shutdown_grace: Duration,
+
+    /// PEM certificate (chain) to serve the handler over TLS; EMQX's
+    /// `handler.address` is then `https://...` with `handler.ssl_options`.
+    #[arg(
+        long,
+        env = "EXPROTO_TLS_CERT",
+        requires = "tls_key",
+        value_name = "PEM"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "EXPROTO_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s); with it the handler requires EMQX to present
+    /// a client certificate signed by one of them (mutual TLS).
+    #[arg(
+        long,
+        env = "EXPROTO_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// PEM CA certificate(s) that signed EMQX's server certificate, for an
+    /// `https://` --emqx; without it the system's roots are trusted.
+    #[arg(long, env = "EXPROTO_EMQX_CA", value_name = "PEM")]
+    pub emqx_ca: Option<PathBuf>,
+
+    /// PEM client certificate the adapter shows EMQX (mutual TLS).
+    #[arg(
+        long,
+        env = "EXPROTO_EMQX_CERT",
+        requires = "emqx_key",
+        value_name = "PEM"
+    )]
+    pub emqx_cert: Option<PathBuf>,
+
+    /// PEM private key of --emqx-cert.
+    #[arg(
+        long,
+        env = "EXPROTO_EMQX_KEY",
+        requires = "emqx_cert",
+        value_name = "PEM"
+    )]
+    pub emqx_key: Option<PathBuf>,
 }
 
 impl Default for ServeArgs {
@@ -143,6 +218,7 @@ impl ServeArgs {
                 login_timeout: self.login_timeout,
                 keepalive: self.keepalive,
                 max_subscriptions: self.max_subscriptions,
+                max_publish_rate: self.max_publish_rate,
             },
             driver: DriverConfig {
                 send_retry: self.send_retry,
@@ -150,8 +226,28 @@ impl ServeArgs {
                 max_held_bytes: self.max_line,
                 max_queued_events: self.max_queued_events.max(1),
                 idle_probe: self.idle_probe,
+                max_sessions: self.max_sessions,
+                max_pending_calls: usize::try_from(self.max_pending_calls).unwrap_or(usize::MAX),
+                // A call may wait for a place as long as it may wait for
+                // EMQX: either way the command ends in a 503 in time.
+                pending_wait: self.call_timeout,
             },
             max_concurrent_streams: (self.max_streams > 0).then_some(self.max_streams),
+            shutdown_grace: self.shutdown_grace,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(ServerTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.tls_client_ca.clone(),
+                }),
+                // clap makes the two go together.
+                _ => None,
+            },
+            emqx_tls: EmqxTlsFiles {
+                ca: self.emqx_ca.clone(),
+                cert: self.emqx_cert.clone(),
+                key: self.emqx_key.clone(),
+            },
         }
     }
 }
@@ -183,5 +279,81 @@ mod tests {
         assert_eq!(c.driver.send_retry, Duration::from_secs(30));
         assert_eq!(c.driver.created_wait, Duration::from_secs(2));
         assert_eq!(c.max_concurrent_streams, None);
+        assert_eq!(c.protocol.max_publish_rate, 0, "off by default");
+        assert_eq!(c.driver.max_sessions, 100_000);
+        assert_eq!(c.driver.max_pending_calls, 1024);
+        assert_eq!(c.driver.pending_wait, c.call_timeout);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn limit_flags_and_their_environment_variables() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let c = Wrap::parse_from([
+            "serve",
+            "--max-publish-rate",
+            "5",
+            "--max-sessions",
+            "7",
+            "--max-pending-calls",
+            "3",
+        ])
+        .args
+        .to_config();
+        assert_eq!(c.protocol.max_publish_rate, 5);
+        assert_eq!(c.driver.max_sessions, 7);
+        assert_eq!(c.driver.max_pending_calls, 3);
+        assert!(Wrap::try_parse_from(["serve", "--max-pending-calls", "0"]).is_err());
+        assert!(c.tls.is_none() && !c.emqx_tls.is_set());
+
+        // TLS files come in pairs.
+        assert!(Wrap::try_parse_from(["serve", "--tls-cert", "c.pem"]).is_err());
+        assert!(Wrap::try_parse_from(["serve", "--emqx-key", "k.pem"]).is_err());
+        assert!(Wrap::try_parse_from(["serve", "--tls-client-ca", "ca.pem"]).is_err());
+        let c = Wrap::parse_from([
+            "serve",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--emqx",
+            "https://emqx:9100",
+            "--emqx-ca",
+            "eca.pem",
+        ])
+        .args
+        .to_config();
+        let tls = c.tls.expect("server TLS");
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(c.emqx_tls.ca, Some(PathBuf::from("eca.pem")));
+        assert_eq!(c.emqx_tls.cert, None);
+        // Every flag has its EXPROTO_ variable (clap knows them by name).
+        let cmd = <Wrap as clap::CommandFactory>::command();
+        for (flag, var) in [
+            ("max_publish_rate", "EXPROTO_MAX_PUBLISH_RATE"),
+            ("max_sessions", "EXPROTO_MAX_SESSIONS"),
+            ("max_pending_calls", "EXPROTO_MAX_PENDING_CALLS"),
+            ("shutdown_grace", "EXPROTO_SHUTDOWN_GRACE"),
+            ("tls_cert", "EXPROTO_TLS_CERT"),
+            ("tls_key", "EXPROTO_TLS_KEY"),
+            ("tls_client_ca", "EXPROTO_TLS_CLIENT_CA"),
+            ("emqx_ca", "EXPROTO_EMQX_CA"),
+            ("emqx_cert", "EXPROTO_EMQX_CERT"),
+            ("emqx_key", "EXPROTO_EMQX_KEY"),
+        ] {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == flag)
+                .unwrap_or_else(|| panic!("no flag {flag}"));
+            assert_eq!(arg.get_env().and_then(|v| v.to_str()), Some(var));
+        }
     }
 }

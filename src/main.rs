@@ -68,7 +68,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         login_timeout: args.login_timeout,
         ..ServeArgs::default()
     };
-    let mut adapter = server::start(&serve.to_config()).await?;
+    let adapter = server::start(&serve.to_config()).await?;
     let gateway = DevGateway::start(args.gateway.into_config()?).await?;
     let addr = gateway.client_addr();
     tracing::info!(
@@ -78,30 +78,87 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         adapter.addr(),
         gateway.adapter_addr()
     );
-    let result = adapter.wait(shutdown_signal()).await;
+    let result = run_until_signalled(adapter).await;
     gateway.shutdown().await;
     result
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT, as a stream: the first starts a graceful shutdown,
+/// the second ends the process at once. One listener for both, set up
+/// before serving, so no signal falls between the two.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// The next signal.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
                 }
-            };
+            }
+            tokio::select! {
+                () = recv(&mut self.term) => {}
+                () = recv(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Waits for any one signal (for what has nothing to drain).
+async fn shutdown_signal() {
+    Signals::new().next().await;
+}
+
+/// Runs the adapter until SIGTERM/SIGINT: the first drains it, a second
+/// exits at once.
+async fn run_until_signalled(mut adapter: server::RunningAdapter) -> anyhow::Result<()> {
+    let mut signals = Signals::new();
+    let (first, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut first = Some(first);
+    let running = adapter.wait(async {
+        let _ = first_rx.await;
+    });
+    tokio::pin!(running);
+    loop {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            r = &mut running => return r,
+            () = signals.next() => match first.take() {
+                Some(first) => {
+                    tracing::info!("signal received; a second one exits at once");
+                    let _ = first.send(());
+                }
+                None => {
+                    tracing::warn!("second signal; exiting without waiting");
+                    std::process::exit(1);
+                }
+            },
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 #[tokio::main]
@@ -117,8 +174,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let mut adapter = server::start(&args.to_config()).await?;
-            adapter.wait(shutdown_signal()).await?;
+            let adapter = server::start(&args.to_config()).await?;
+            run_until_signalled(adapter).await?;
         }
         Command::DevGateway(args) => {
             let gateway = DevGateway::start(args.into_config()?).await?;

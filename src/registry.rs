@@ -129,9 +129,11 @@ impl Registry {
         self.sessions.get(conn).map(|e| e.value().clone())
     }
 
-    /// Removes `entry` if it is still the one registered for its conn.
-    pub(crate) fn remove(&self, entry: &Arc<Entry>) {
+    /// Removes `entry` if it is still the one registered for its conn;
+    /// `true` when it was.
+    pub(crate) fn remove(&self, entry: &Arc<Entry>) -> bool {
         self.sessions
-            .remove_if(&entry.conn, |_, e| Arc::ptr_eq(e, entry));
+            .remove_if(&entry.conn, |_, e| Arc::ptr_eq(e, entry))
+            .is_some()
     }
 }

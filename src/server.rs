@@ -18,6 +18,7 @@ use crate::pb::connection_handler_server::ConnectionHandlerServer;
 use crate::pb::connection_unary_handler_server::ConnectionUnaryHandlerServer;
 use crate::protocol::{self, Protocol, ProtocolConfig};
 use crate::session::{Driver, DriverConfig};
+use crate::tls::{EmqxTlsFiles, ServerTlsFiles};
 
 /// Everything the adapter needs to run; the CLI builds it from flags.
 #[derive(Debug, Clone)]
@@ -35,6 +36,14 @@ pub struct AdapterConfig {
     /// HTTP/2 streams per EMQX connection; `None` is unlimited. Streaming
     /// mode holds up to five per client connection, so a low cap stalls.
     pub max_concurrent_streams: Option<u32>,
+    /// How long a shutdown lets in-flight work finish before the server
+    /// stops anyway.
+    pub shutdown_grace: Duration,
+    /// Serve the handler over TLS (EMQX's `handler.ssl_options`); `None`
+    /// serves plain HTTP/2.
+    pub tls: Option<ServerTlsFiles>,
+    /// TLS settings for an `https://` EMQX URL (`server.ssl_options`).
+    pub emqx_tls: EmqxTlsFiles,
 }
 
 impl Default for AdapterConfig {
@@ -47,6 +56,9 @@ impl Default for AdapterConfig {
             protocol: ProtocolConfig::default(),
             driver: DriverConfig::default(),
             max_concurrent_streams: None,
+            shutdown_grace: Duration::from_secs(10),
+            tls: None,
+            emqx_tls: EmqxTlsFiles::default(),
         }
     }
 }
@@ -57,6 +69,8 @@ pub struct RunningAdapter {
     driver: Arc<Driver>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The bound on a shutdown's drain (`AdapterConfig::shutdown_grace`).
+    grace: Duration,
 }
 
 impl RunningAdapter {
@@ -70,33 +84,56 @@ impl RunningAdapter {
         &self.driver
     }
 
-    /// Stops accepting calls, lets in-flight calls finish and waits for the
-    /// server to stop.
+    /// Shuts down gracefully, within about `shutdown_grace`: new sockets
+    /// get the protocol's shutting-down line and are closed, work already
+    /// taken (calls to EMQX, replies) finishes, then the server stops.
+    /// Handler streams still open when the time is up are cut.
     ///
     /// # Errors
     /// When the server failed while running.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.await.context("adapter server task")??;
-        Ok(())
+        self.stop_gracefully().await
     }
 
-    /// Waits until the server stops by itself (it only does on error).
+    /// Runs until `signal` resolves, then shuts down as
+    /// [`shutdown`](Self::shutdown) does; returns early if the server
+    /// stops by itself (it only does on error).
     ///
     /// # Errors
     /// When the server failed.
     pub async fn wait(&mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::select! {
             r = &mut self.task => { r.context("adapter server task")??; }
-            () = signal => {
-                if let Some(stop) = self.stop.take() {
-                    let _ = stop.send(());
-                }
-                (&mut self.task).await.context("adapter server task")??;
+            () = signal => self.stop_gracefully().await?,
+        }
+        Ok(())
+    }
+
+    async fn stop_gracefully(&mut self) -> anyhow::Result<()> {
+        let started = tokio::time::Instant::now();
+        tracing::info!(grace = ?self.grace, "shutting down: refusing new sockets, finishing work in flight");
+        self.driver.begin_shutdown();
+        if !self.driver.drain(self.grace).await {
+            tracing::warn!(grace = ?self.grace, "work still in flight after the grace period; stopping anyway");
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // tonic waits for open requests; a streaming-mode stream stays open
+        // as long as its EMQX connection, so the wait is bounded too. What
+        // is left of the grace, but enough for answers already on their way.
+        let left = self
+            .grace
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(500));
+        match tokio::time::timeout(left, &mut self.task).await {
+            Ok(r) => r.context("adapter server task")??,
+            Err(_) => {
+                tracing::warn!("handler connections still open; closing them");
+                self.task.abort();
             }
         }
+        tracing::info!(took = ?started.elapsed(), "adapter stopped");
         Ok(())
     }
 }
@@ -121,13 +158,15 @@ pub async fn start(config: &AdapterConfig) -> anyhow::Result<RunningAdapter> {
 /// outside this crate.
 ///
 /// # Errors
-/// Bad EMQX URL, or the address cannot be bound.
+/// Bad EMQX URL, TLS files that cannot be used, or the address cannot be
+/// bound.
 pub async fn start_with(
     config: &AdapterConfig,
     protocol: Arc<dyn Protocol>,
 ) -> anyhow::Result<RunningAdapter> {
-    let emqx = GrpcAdapter::new(&config.emqx, config.call_timeout)
-        .with_context(|| format!("invalid EMQX URL {:?}", config.emqx))?;
+    let emqx_tls = crate::tls::emqx_config(&config.emqx, &config.emqx_tls)?;
+    let emqx = GrpcAdapter::with_tls(&config.emqx, config.call_timeout, emqx_tls)
+        .with_context(|| format!("invalid EMQX URL or TLS settings {:?}", config.emqx))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -138,7 +177,8 @@ pub async fn start_with(
 /// with fakes).
 ///
 /// # Errors
-/// When the listener's address cannot be read.
+/// When the listener's address cannot be read, or the TLS files cannot be
+/// used.
 pub fn serve(
     listener: TcpListener,
     config: &AdapterConfig,
@@ -146,12 +186,22 @@ pub fn serve(
     emqx: Arc<dyn ConnectionAdapter>,
 ) -> anyhow::Result<RunningAdapter> {
     let addr = listener.local_addr()?;
+    // TLS first: a bad file must fail before any task is started.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()?;
     let driver = Driver::new(protocol, emqx, config.driver.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     // tonic does not apply its own tcp_nodelay to an incoming stream we
     // hand it; Nagle would add tens of ms to every small reply.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("handler TLS settings")?;
+    }
+    let router = builder
         .max_concurrent_streams(config.max_concurrent_streams)
         .add_service(ConnectionUnaryHandlerServer::new(UnaryHandler::new(
             driver.clone(),
@@ -162,11 +212,12 @@ pub fn serve(
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
     }));
-    tracing::info!(%addr, protocol = driver.protocol().name(), "handler listening");
+    tracing::info!(%addr, protocol = driver.protocol().name(), tls = config.tls.is_some(), "handler listening");
     Ok(RunningAdapter {
         addr,
         driver,
         stop: Some(stop),
         task,
+        grace: config.shutdown_grace,
     })
 }

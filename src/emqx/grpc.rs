@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{ConnectionAdapter, EmqxError, Op};
 use crate::pb::connection_adapter_client::ConnectionAdapterClient;
@@ -33,7 +33,25 @@ impl GrpcAdapter {
     /// # Errors
     /// When `url` is not a valid URI.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(url.to_string())?
+        Self::with_tls(url, timeout, None)
+    }
+
+    /// A client for `url` over TLS when `tls` is set (an `https://` URL;
+    /// see [`crate::tls::emqx_config`]). Nothing is connected until the
+    /// first call.
+    ///
+    /// # Errors
+    /// When `url` is not a valid URI, or the TLS settings are unusable.
+    pub fn with_tls(
+        url: &str,
+        timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Self, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let endpoint = endpoint
             .tcp_nodelay(true)
             .connect_timeout(timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))

@@ -12,6 +12,7 @@
 
 pub mod chat;
 pub mod framer;
+pub mod rate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +138,18 @@ pub trait Session: Send {
     /// Contract: when the actions end with [`Action::Call`], the next event
     /// must be that call's [`Event::Reply`].
     fn handle(&mut self, event: Event, out: &mut Vec<Action>);
+
+    /// Tells the session what time it is, right before each
+    /// [`handle`](Self::handle): milliseconds on the driver's monotonic
+    /// clock, never going backwards.
+    ///
+    /// The session stays sans-IO: it never reads a clock, it is told. This
+    /// is a separate method with a default that ignores the time, rather
+    /// than a field on every [`Event`], so that protocols which measure no
+    /// rate need not change. A session that is never told stays at 0.
+    fn set_time(&mut self, now_ms: u64) {
+        let _ = now_ms;
+    }
 }
 
 /// Seed data the driver gives a new session, so the session itself needs no
@@ -158,6 +171,9 @@ pub struct ProtocolConfig {
     pub keepalive: Duration,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// Publishes per second one connection may make; 0 is no limit (the
+    /// default, as PROTOCOL.md says). Bursts up to one second's worth.
+    pub max_publish_rate: u32,
 }
 
 impl Default for ProtocolConfig {
@@ -167,6 +183,7 @@ impl Default for ProtocolConfig {
             login_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(60),
             max_subscriptions: 100,
+            max_publish_rate: 0,
         }
     }
 }
@@ -181,6 +198,22 @@ pub trait Protocol: Send + Sync + 'static {
     /// Bytes sent to a connection the adapter has no session for, right
     /// before the driver closes it.
     fn lost_session_bytes(&self) -> Bytes;
+    /// Bytes sent to a new socket the driver will not serve, right before it
+    /// closes it; no session is made for it. The default says nothing.
+    fn refusal_bytes(&self, refusal: Refusal) -> Bytes {
+        let _ = refusal;
+        Bytes::new()
+    }
+}
+
+/// Why the driver turns a new socket away without making a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The adapter serves `--max-sessions` sessions already.
+    TooManyConnections,
+    /// The adapter is shutting down.
+    ShuttingDown,
 }
 
 /// Names accepted by [`by_name`].

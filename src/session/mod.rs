@@ -6,19 +6,31 @@
 //! worker feeds events to the sans-IO [`Session`] one at a time, carries out
 //! the actions it returns (coalescing its output into as few `Send`s as the
 //! order allows) and feeds each call's outcome back before the next event.
+//!
+//! Global limits live here too, since only the driver sees every session:
+//! how many sessions are served (`max_sessions`: a new socket over it is
+//! turned away without a session) and how many EMQX calls may be pending at
+//! once (`max_pending_calls`: a semaphore every call takes a permit from, so
+//! a slow EMQX cannot make the adapter pile up work without bound).
+//!
+//! Shutdown drains: [`Driver::begin_shutdown`] turns new sockets away, and
+//! [`Driver::drain`] waits until no worker, handler call or notice task is
+//! busy, so commands already taken get their replies.
 
 mod timers;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
 use crate::emqx::{ConnectionAdapter, EmqxError, Op};
-use crate::protocol::{Action, Call, CallResult, Event, Protocol, Session, SessionInit};
+use crate::protocol::{Action, Call, CallResult, Event, Protocol, Refusal, Session, SessionInit};
 use crate::registry::{Entry, Item, Orphan, Registry};
 use timers::Timers;
 
@@ -39,6 +51,16 @@ pub struct DriverConfig {
     /// A session silent this long is probed with an empty `Send`, so
     /// sessions whose `OnSocketClosed` was lost are reclaimed.
     pub idle_probe: Duration,
+    /// Sessions served at once; a new socket over it is told so and closed
+    /// without a session. 0 is no limit.
+    pub max_sessions: usize,
+    /// EMQX calls in flight at once, over all sessions (at least 1). A slow
+    /// EMQX then stalls workers, which fills mailboxes, which slows EMQX's
+    /// handler calls down, instead of growing work without bound.
+    pub max_pending_calls: usize,
+    /// How long a call waits for one of those places before it fails as
+    /// if EMQX were unreachable (the command gets its 503).
+    pub pending_wait: Duration,
 }
 
 impl Default for DriverConfig {
@@ -49,6 +71,9 @@ impl Default for DriverConfig {
             max_held_bytes: 65_536,
             max_queued_events: 64,
             idle_probe: Duration::from_secs(120),
+            max_sessions: 100_000,
+            max_pending_calls: 1024,
+            pending_wait: Duration::from_secs(5),
         }
     }
 }
@@ -60,6 +85,47 @@ pub struct Driver {
     emqx: Arc<dyn ConnectionAdapter>,
     timers: Timers,
     config: DriverConfig,
+    /// Sessions admitted and not yet ended, for `max_sessions`. Counted
+    /// apart from the map so that admitting is one atomic step.
+    live: AtomicUsize,
+    /// Places for EMQX calls in flight (`max_pending_calls`).
+    pending: Semaphore,
+    /// Set while calls wait too long for a place, so that is logged once
+    /// per episode rather than once per call.
+    saturated: AtomicBool,
+    /// Set while new sockets are being turned away for `max_sessions`, for
+    /// the same reason.
+    full: AtomicBool,
+    /// Set once shutdown begins: new sockets are refused from then on.
+    shutting_down: AtomicBool,
+    /// Work in progress, so a shutdown knows when it may stop.
+    activity: Arc<Activity>,
+}
+
+/// Counts work in progress (workers, handler calls, notice tasks) and wakes
+/// a drain when it reaches zero.
+#[derive(Default)]
+struct Activity {
+    busy: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One unit of work in progress; dropping it ends it.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Whether a session goes on after an item.
@@ -87,6 +153,12 @@ impl Driver {
                 protocol,
                 emqx,
                 timers,
+                live: AtomicUsize::new(0),
+                pending: Semaphore::new(config.max_pending_calls.clamp(1, Semaphore::MAX_PERMITS)),
+                saturated: AtomicBool::new(false),
+                full: AtomicBool::new(false),
+                shutting_down: AtomicBool::new(false),
+                activity: Arc::default(),
                 config,
             }
         });
@@ -114,14 +186,54 @@ impl Driver {
         &self.protocol
     }
 
+    /// Starts a shutdown: from now on a new socket gets the protocol's
+    /// shutting-down line and is closed without a session. Sessions that
+    /// exist are served as before.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`begin_shutdown`](Self::begin_shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no work is in progress (no worker running, no handler
+    /// call being dispatched, no notice being delivered), or `grace` has
+    /// passed. Returns whether the driver went idle in time.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.activity.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if self.activity.busy.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(grace, wait).await.is_ok()
+    }
+
     /// Hands one event from EMQX to its connection, in arrival order.
     ///
     /// Returns once the event is queued (waiting only while the connection's
     /// mailbox is full). `may_reorder` is set by the streaming service, where
     /// events can overtake the conn's `OnSocketCreated`.
     pub async fn dispatch(self: &Arc<Self>, conn: &str, event: Event, may_reorder: bool) {
+        let _busy = Busy::new(&self.activity);
         let entry = match event {
-            Event::Created(_) => self.create(conn, event),
+            Event::Created(_) => match self.create(conn, event) {
+                Ok(entry) => entry,
+                Err(refusal) => {
+                    // Answered only once the socket is told and closed: in
+                    // unary mode EMQX sends this conn nothing more until
+                    // then, so no stray `session lost` line can overtake.
+                    self.refuse(conn, refusal).await;
+                    None
+                }
+            },
             Event::Closed(_) | Event::TimerFired(_) => match self.registry.get(conn) {
                 Some(e) => {
                     self.enqueue(&e, Item::Event(event));
@@ -155,14 +267,15 @@ impl Driver {
         }
     }
 
-    fn create(self: &Arc<Self>, conn: &str, created: Event) -> Option<Arc<Entry>> {
+    /// Registers a session for a new socket, or says why it is refused.
+    fn create(self: &Arc<Self>, conn: &str, created: Event) -> Result<Option<Arc<Entry>>, Refusal> {
         let conn: Arc<str> = conn.into();
         // Holding the orphan slot while registering the session makes
         // "held events move to the session" atomic against `hold`.
         let slot = self.registry.orphans.entry(conn.clone());
         if self.registry.sessions.contains_key(&conn) {
             warn!(%conn, "duplicate OnSocketCreated ignored");
-            return None;
+            return Ok(None);
         }
         let held = match slot {
             dashmap::Entry::Occupied(o) => o.remove().events,
@@ -170,6 +283,13 @@ impl Driver {
         };
         // The created-wait deadline (if any) is not the session's.
         self.timers.set(&conn, None);
+        if self.is_shutting_down() {
+            return Err(Refusal::ShuttingDown);
+        }
+        if !self.admit() {
+            // Held events go with the refused socket.
+            return Err(Refusal::TooManyConnections);
+        }
         let session = self.protocol.new_session(SessionInit {
             random: rand::random(),
         });
@@ -181,7 +301,39 @@ impl Driver {
         }
         self.registry.sessions.insert(conn, entry.clone());
         self.start_worker(&entry);
-        Some(entry)
+        Ok(Some(entry))
+    }
+
+    /// Takes a place for a new session under `max_sessions`.
+    fn admit(&self) -> bool {
+        let max = self.config.max_sessions;
+        let admitted = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            if self.full.load(Ordering::Relaxed) {
+                self.full.store(false, Ordering::Relaxed);
+            }
+        } else if !self.full.swap(true, Ordering::Relaxed) {
+            warn!(max, "session limit reached; refusing new sockets");
+        }
+        admitted
+    }
+
+    /// Tells a new socket why it is not served, then closes it. One try
+    /// each: a refused socket is not worth retries while EMQX struggles.
+    async fn refuse(&self, conn: &str, refusal: Refusal) {
+        debug!(%conn, ?refusal, "new socket refused");
+        let bytes = self.protocol.refusal_bytes(refusal);
+        if !bytes.is_empty() {
+            if let Err(EmqxError::Gone) = self.call_emqx(conn, Op::Send(bytes)).await {
+                return;
+            }
+        }
+        let _ = self.call_emqx(conn, Op::Call(Call::Close)).await;
     }
 
     /// Keeps an event for a conn that is not created yet, for a bounded time
@@ -228,7 +380,9 @@ impl Driver {
     fn lost(self: &Arc<Self>, conn: Arc<str>) {
         info!(%conn, "event for a connection without a session; closing it");
         let this = self.clone();
+        let busy = Busy::new(&self.activity);
         tokio::spawn(async move {
+            let _busy = busy;
             let bytes = this.protocol.lost_session_bytes();
             if this.deliver(&conn, Op::Send(bytes)).await.is_ok() {
                 let _ = this.deliver(&conn, Op::Call(Call::Close)).await;
@@ -279,7 +433,11 @@ impl Driver {
     fn spawn_worker(self: &Arc<Self>, entry: &Arc<Entry>) {
         let this = self.clone();
         let entry = entry.clone();
-        tokio::spawn(async move { this.work(entry).await });
+        let busy = Busy::new(&self.activity);
+        tokio::spawn(async move {
+            let _busy = busy;
+            this.work(entry).await;
+        });
     }
 
     async fn wait_for_room(&self, entry: &Entry) {
@@ -328,7 +486,9 @@ impl Driver {
 
     fn end(&self, entry: &Arc<Entry>, why: &'static str) {
         debug!(conn = %entry.conn, why, "session ended");
-        self.registry.remove(entry);
+        if self.registry.remove(entry) {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
         self.timers.set(&entry.conn, None);
         {
             let mut inner = entry.lock();
@@ -349,7 +509,7 @@ impl Driver {
         let conn = &entry.conn;
         let event = match item {
             Item::Probe => {
-                return match self.emqx.call(conn, Op::Send(Bytes::new())).await {
+                return match self.call_emqx(conn, Op::Send(Bytes::new())).await {
                     Err(EmqxError::Gone) => Flow::End("gone (probe)"),
                     _ => Flow::Continue,
                 }
@@ -357,6 +517,7 @@ impl Driver {
             Item::Event(e) => e,
         };
         let closed = matches!(event, Event::Closed(_));
+        session.set_time(self.registry.now_ms());
         session.handle(event, actions);
         let mut out = BytesMut::new();
         loop {
@@ -383,7 +544,7 @@ impl Driver {
             let result = if is_close {
                 self.deliver(conn, op).await
             } else {
-                self.emqx.call(conn, op).await
+                self.call_emqx(conn, op).await
             };
             let reply = match result {
                 Ok(()) => CallResult::Ok,
@@ -400,6 +561,7 @@ impl Driver {
                     debug!(%conn, method, ?reply, "EMQX call failed");
                 }
             }
+            session.set_time(self.registry.now_ms());
             session.handle(Event::Reply(reply), actions);
         }
         if !out.is_empty() {
@@ -414,13 +576,39 @@ impl Driver {
         }
     }
 
+    /// One call to EMQX, in one of the `max_pending_calls` places. Waiting
+    /// for a place is bounded by `pending_wait`; past it the call fails as
+    /// unreachable, which a command reports as 503.
+    async fn call_emqx(&self, conn: &str, op: Op) -> Result<(), EmqxError> {
+        let permit =
+            match tokio::time::timeout(self.config.pending_wait, self.pending.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                // The semaphore is never closed; treat it like a full one.
+                Ok(Err(_)) | Err(_) => {
+                    if !self.saturated.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            max = self.config.max_pending_calls,
+                            "too many EMQX calls pending; failing calls that wait too long"
+                        );
+                    }
+                    return Err(EmqxError::Unreachable("too many pending calls".into()));
+                }
+            };
+        if self.saturated.load(Ordering::Relaxed) && self.saturated.swap(false, Ordering::Relaxed) {
+            info!("EMQX calls flow again");
+        }
+        let result = self.emqx.call(conn, op).await;
+        drop(permit);
+        result
+    }
+
     /// A call that must get through: retried with backoff while EMQX is
     /// unreachable, for at most `send_retry`. Giving up drops it.
     async fn deliver(&self, conn: &str, op: Op) -> Result<(), EmqxError> {
         let give_up = Instant::now() + self.config.send_retry;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.emqx.call(conn, op.clone()).await {
+            match self.call_emqx(conn, op.clone()).await {
                 Err(EmqxError::Unreachable(e)) => {
                     if Instant::now() + backoff >= give_up {
                         warn!(%conn, method = op.method(), error = %e, "gave up delivering to EMQX");

@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::protocol::{ConnMeta, Secret};
+use crate::protocol::{ConnMeta, Refusal, Secret};
 
 /// A protocol small enough to predict: echoes bytes, `call` makes one EMQX
 /// call, `quit` says bye and closes, `auth` authenticates.
@@ -26,6 +26,9 @@ impl Protocol for Toy {
     }
     fn lost_session_bytes(&self) -> Bytes {
         Bytes::from_static(b"lost\n")
+    }
+    fn refusal_bytes(&self, refusal: Refusal) -> Bytes {
+        Bytes::from(format!("refused {refusal:?}\n"))
     }
 }
 
@@ -428,4 +431,135 @@ async fn a_full_mailbox_makes_the_handler_wait() {
     for _ in 0..9 {
         assert_eq!(f.next_call().await.1, send("x"));
     }
+}
+
+#[tokio::test]
+async fn sockets_over_max_sessions_are_refused_without_a_session() {
+    let mut f = fixture(DriverConfig {
+        max_sessions: 2,
+        ..DriverConfig::default()
+    });
+    f.create("a").await;
+    f.create("b").await;
+    f.next_call().await;
+    f.next_call().await;
+    f.create("c").await;
+    assert_eq!(
+        f.next_call().await,
+        ("c".into(), send("refused TooManyConnections\n"))
+    );
+    assert_eq!(f.next_call().await, ("c".into(), Op::Call(Call::Close)));
+    assert_eq!(f.driver.registry().len(), 2);
+    assert!(f.driver.registry().get("c").is_none());
+    // A session that ends frees its place.
+    f.driver
+        .dispatch("a", Event::Closed("{shutdown,normal}".into()), false)
+        .await;
+    for _ in 0..1000 {
+        if f.driver.registry().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    f.create("d").await;
+    assert_eq!(f.next_call().await, ("d".into(), send("hi\n")));
+    assert_eq!(f.driver.registry().len(), 2);
+}
+
+#[tokio::test]
+async fn events_held_for_a_refused_socket_are_dropped() {
+    let mut f = fixture(DriverConfig {
+        max_sessions: 1,
+        ..DriverConfig::default()
+    });
+    f.create("a").await;
+    f.next_call().await;
+    f.bytes("b", "held\n", true).await;
+    assert_eq!(f.driver.registry().orphans(), 1);
+    f.create("b").await;
+    assert_eq!(f.next_call().await.1, send("refused TooManyConnections\n"));
+    assert_eq!(f.next_call().await.1, Op::Call(Call::Close));
+    assert_eq!(f.driver.registry().orphans(), 0);
+    assert_eq!(f.driver.registry().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pending_calls_are_capped() {
+    let mut f = fixture(DriverConfig {
+        max_pending_calls: 2,
+        ..DriverConfig::default()
+    });
+    // Hold every EMQX answer back.
+    let permits = f.emqx.gate.available_permits();
+    f.emqx.gate.forget_permits(permits);
+    for conn in ["a", "b", "c"] {
+        f.create(conn).await;
+    }
+    // Two HELLO sends reach EMQX; the third waits for a place.
+    f.next_call().await;
+    f.next_call().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(f.calls.try_recv().is_err(), "a third call got through");
+    // One answer frees one place.
+    f.emqx.gate.add_permits(1);
+    f.next_call().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(f.calls.try_recv().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_waits_too_long_for_a_place_fails_as_unreachable() {
+    let mut f = fixture(DriverConfig {
+        max_pending_calls: 1,
+        pending_wait: Duration::from_secs(5),
+        ..DriverConfig::default()
+    });
+    f.create("b").await;
+    assert_eq!(f.next_call().await.1, send("hi\n"));
+    // "a" takes the only place and EMQX does not answer it.
+    let permits = f.emqx.gate.available_permits();
+    f.emqx.gate.forget_permits(permits);
+    f.create("a").await;
+    assert_eq!(f.next_call().await, ("a".into(), send("hi\n")));
+    let t0 = tokio::time::Instant::now();
+    f.bytes("b", "call", false).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(f.calls.try_recv().is_err(), "b's Subscribe got a place");
+    // Once a place frees up, the reply (retried like every reply) goes out.
+    f.emqx.gate.add_permits(100);
+    assert_eq!(
+        f.next_call().await,
+        ("b".into(), send("before\nafter Unreachable\n"))
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_refuses_new_sockets_and_drains_work_in_flight() {
+    let mut f = fixture(DriverConfig::default());
+    f.create("a").await;
+    f.next_call().await;
+    // Hold EMQX back so "a" has a call in flight.
+    let permits = f.emqx.gate.available_permits();
+    f.emqx.gate.forget_permits(permits);
+    f.bytes("a", "call", false).await;
+    f.next_call().await;
+    f.driver.begin_shutdown();
+    assert!(f.driver.is_shutting_down());
+    // Not idle while the call hangs: the drain gives up after its grace.
+    assert!(!f.driver.drain(Duration::from_secs(1)).await);
+    f.emqx.gate.add_permits(100);
+    assert!(f.driver.drain(Duration::from_secs(1)).await);
+    assert_eq!(f.next_call().await.1, send("before\nafter Ok\n"));
+    // A socket created now is told and closed, without a session.
+    f.create("b").await;
+    assert_eq!(
+        f.next_call().await,
+        ("b".into(), send("refused ShuttingDown\n"))
+    );
+    assert_eq!(f.next_call().await, ("b".into(), Op::Call(Call::Close)));
+    assert!(f.driver.registry().get("b").is_none());
+    // Existing sessions are still served.
+    f.bytes("a", "x", false).await;
+    assert_eq!(f.next_call().await, ("a".into(), send("x")));
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -40,10 +42,16 @@ pub struct FakeState {
     pub gone: HashSet<String>,
     /// While set, every call fails as if EMQX could not be reached.
     pub down: bool,
+    /// How long a Publish or Subscribe to a topic under `slow/` takes.
+    pub slow: Duration,
+    /// Calls under `slow/` being answered right now, and the most at once.
+    pub in_flight: usize,
+    pub max_in_flight: usize,
 }
 
 /// The in-test EMQX. Policy: username `bad` is refused, clientid `boom`
-/// fails with UNKNOWN; topics under `deny/` are refused, under `boom/` fail.
+/// fails with UNKNOWN; topics under `deny/` are refused, under `boom/` fail,
+/// under `slow/` succeed after `FakeState::slow`.
 #[derive(Clone, Default)]
 pub struct FakeEmqx {
     pub state: Arc<Mutex<FakeState>>,
@@ -79,7 +87,18 @@ impl FakeEmqx {
         Ok(gone.then(|| code(ResultCode::ConnProcessNotAlive, "")))
     }
 
-    fn topic_policy(topic: &str) -> Result<Response<CodeResponse>, Status> {
+    async fn topic_policy(&self, topic: &str) -> Result<Response<CodeResponse>, Status> {
+        if topic.starts_with("slow/") {
+            let slow = {
+                let mut s = self.state.lock().unwrap();
+                s.in_flight += 1;
+                s.max_in_flight = s.max_in_flight.max(s.in_flight);
+                s.slow
+            };
+            tokio::time::sleep(slow).await;
+            self.state.lock().unwrap().in_flight -= 1;
+            self.changed.notify_waiters();
+        }
         if topic.starts_with("deny/") {
             code(ResultCode::PermissionDeny, "Authorization deny")
         } else if topic.starts_with("boom/") {
@@ -102,8 +121,28 @@ impl FakeEmqx {
         addr
     }
 
+    /// Starts the fake on a free port, serving TLS as `tls` says (EMQX's
+    /// `server.ssl_options`).
+    pub async fn start_tls(&self, tls: tonic::transport::ServerTlsConfig) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = ConnectionAdapterServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
     pub fn set_down(&self, down: bool) {
         self.state.lock().unwrap().down = down;
+    }
+
+    pub fn set_slow(&self, slow: Duration) {
+        self.state.lock().unwrap().slow = slow;
     }
 
     pub fn set_gone(&self, conn: &str) {
@@ -292,7 +331,7 @@ impl ConnectionAdapter for FakeEmqx {
         if let Some(gone) = self.record("Publish", &r.conn, detail)? {
             return gone;
         }
-        Self::topic_policy(&r.topic)
+        self.topic_policy(&r.topic).await
     }
 
     async fn subscribe(
@@ -304,7 +343,7 @@ impl ConnectionAdapter for FakeEmqx {
         if let Some(gone) = self.record("Subscribe", &r.conn, detail)? {
             return gone;
         }
-        Self::topic_policy(&r.topic)
+        self.topic_policy(&r.topic).await
     }
 
     async fn unsubscribe(

@@ -74,6 +74,8 @@ pub(crate) enum Reject {
     NotEnabled,
     #[error("too many subscriptions")]
     TooManySubscriptions,
+    #[error("too many publishes per second")]
+    TooManyPublishes,
     #[error("already connected")]
     AlreadyConnected,
     #[error("line too long")]
@@ -98,7 +100,7 @@ impl Reject {
             Self::LoginTimeout => 408,
             Self::AlreadyConnected => 409,
             Self::LineTooLong => 413,
-            Self::TooManySubscriptions => 429,
+            Self::TooManySubscriptions | Self::TooManyPublishes => 429,
             Self::NotEnabled => 501,
         }
     }

@@ -25,13 +25,14 @@
 mod command;
 mod encode;
 mod escape;
+pub mod fuzz;
 mod parser;
 mod session;
 pub mod topic;
 
 use bytes::Bytes;
 
-use super::{Protocol, ProtocolConfig, Session, SessionInit};
+use super::{Protocol, ProtocolConfig, Refusal, Session, SessionInit};
 
 /// The chat protocol's factory.
 pub struct Chat {
@@ -54,5 +55,11 @@ impl Protocol for Chat {
     }
     fn lost_session_bytes(&self) -> Bytes {
         Bytes::from_static(b"ERR 500 :session lost, reconnect\n")
+    }
+    fn refusal_bytes(&self, refusal: Refusal) -> Bytes {
+        match refusal {
+            Refusal::TooManyConnections => Bytes::from_static(b"ERR 429 :too many connections\n"),
+            Refusal::ShuttingDown => Bytes::from_static(b"ERR 503 :shutting down\n"),
+        }
     }
 }

@@ -19,6 +19,7 @@ use super::escape::unescape;
 use super::parser::{parse_line, ParseError};
 use super::topic;
 use crate::protocol::framer::{Frame, LineFramer};
+use crate::protocol::rate::TokenBucket;
 use crate::protocol::{
     Action, Call, CallResult, Event, ProtocolConfig, Secret, Session, SessionInit, TimerKind,
 };
@@ -79,13 +80,16 @@ pub(crate) struct ChatSession {
     greeted: bool,
     /// Filters held, for the per-connection limit.
     subscriptions: HashSet<String>,
+    /// The publish rate limit; `None` when it is off.
+    publish_bucket: Option<TokenBucket>,
+    /// The driver's clock as last told ([`Session::set_time`]).
+    now_ms: u64,
 }
 
 impl ChatSession {
     pub(crate) fn new(config: ProtocolConfig, init: SessionInit) -> Self {
         Self {
             framer: LineFramer::new(config.max_line),
-            config,
             random: init.random,
             out: BytesMut::new(),
             phase: Phase::LoggingIn,
@@ -93,6 +97,10 @@ impl ChatSession {
             deadline_due: false,
             greeted: false,
             subscriptions: HashSet::new(),
+            publish_bucket: (config.max_publish_rate > 0)
+                .then(|| TokenBucket::new(config.max_publish_rate)),
+            now_ms: 0,
+            config,
         }
     }
 
@@ -203,6 +211,13 @@ impl ChatSession {
             } => {
                 let topic = text_value(raw_topic, "topic")?;
                 topic::validate_name(&topic)?;
+                // After the topic rules (400), as PROTOCOL.md orders; only
+                // a publish that goes to EMQX takes a token.
+                if let Some(bucket) = &mut self.publish_bucket {
+                    if !bucket.try_take(self.now_ms) {
+                        return Err(Reject::TooManyPublishes);
+                    }
+                }
                 let payload = match unescape(message) {
                     Cow::Borrowed(plain) => line.slice_ref(plain),
                     Cow::Owned(unescaped) => Bytes::from(unescaped),
@@ -352,6 +367,10 @@ fn keepalive_secs(keepalive: Duration) -> Option<u32> {
 }
 
 impl Session for ChatSession {
+    fn set_time(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
     fn handle(&mut self, event: Event, out: &mut Vec<Action>) {
         if self.is_over() {
             if let Event::Closed(_) = event {
@@ -1015,6 +1034,43 @@ mod tests {
             .filter(|c| matches!(c, Call::Subscribe { .. }))
             .count();
         assert_eq!(subscribes, 6);
+    }
+
+    #[test]
+    fn the_publish_rate_limit_answers_429_and_refills_with_time() {
+        let mut h = Harness::connected(ProtocolConfig {
+            max_publish_rate: 2,
+            ..no_keepalive()
+        });
+        h.session.set_time(1_000);
+        assert_eq!(
+            h.say("PUB t :1\nPUB t :2\nPUB t :3\n"),
+            "OK PUB t\nOK PUB t\nERR 429 :too many publishes per second\n"
+        );
+        // Topic rules come first, and a refused PUB takes no token.
+        assert_eq!(
+            h.say("PUB t/+ :x\n"),
+            "ERR 400 :a topic name takes no '+' or '#'\n"
+        );
+        // Half a second later one token is back, not two.
+        h.session.set_time(1_500);
+        assert_eq!(
+            h.say("PUB t :4\nPUB t :5\n"),
+            "OK PUB t\nERR 429 :too many publishes per second\n"
+        );
+        // Other commands are not limited.
+        assert_eq!(h.say("SUB a\nPING\n"), "OK SUB a 0\nPONG\n");
+        let publishes = h
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::Publish { .. }))
+            .count();
+        assert_eq!(publishes, 3);
+
+        // Off by default: a thousand at one instant all go through.
+        let mut h = Harness::connected(no_keepalive());
+        let replies = h.say(&"PUB t :x\n".repeat(1000));
+        assert_eq!(replies, "OK PUB t\n".repeat(1000));
     }
 
     #[test]
