@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod store;
 
 /// Code generated from EMQX's `exproto.proto` (package `emqx.exproto.v1`).
 pub mod pb {
