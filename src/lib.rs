@@ -8,6 +8,7 @@
 pub mod config;
 pub mod dev_gateway;
 pub mod emqx;
+pub mod exhook;
 pub mod handler;
 pub mod protocol;
 pub mod registry;

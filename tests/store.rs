@@ -7,31 +7,23 @@
 //! they were skipped, unless `EXPROTO_REQUIRE_SERVICES=1`, which makes them
 //! fail: CI runs against the real server and never skips.
 
+#[path = "support/postgres.rs"]
+mod support;
+
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use exproto_adapter::store::{self, Presence, Retention, Store, StoredMessage, WhoPage};
 use futures::FutureExt;
-use sqlx::Connection;
+use support::unique_name;
 
 /// A database for one test: its URL (to open it again) and an open store.
 struct Target {
     url: String,
     store: Arc<dyn Store>,
-}
-
-fn unique_name() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "exproto_test_{}_{}_{:08x}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        rand::random::<u32>()
-    )
 }
 
 /// Runs `test` on a fresh SQLite file, removed afterwards.
@@ -58,61 +50,26 @@ where
     }
 }
 
-fn postgres_url() -> String {
-    std::env::var("EXPROTO_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-/// Runs `test` in a fresh PostgreSQL schema, dropped afterwards; or says it
-/// is skipped when the server cannot be reached (and services are not
-/// required).
+/// Runs `test` in a fresh PostgreSQL schema (see `support/postgres.rs`).
 async fn on_postgres<F, Fut>(name: &str, test: F)
 where
     F: FnOnce(Target) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let base = postgres_url();
-    let admin = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&base))
-        .await
-        .map_err(|_| "no answer within 5 s".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    let mut admin = match admin {
-        Ok(c) => c,
-        Err(e) => {
-            let shown = store::redact_url(&base);
-            if std::env::var("EXPROTO_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!("PostgreSQL at {shown} is required (EXPROTO_REQUIRE_SERVICES=1): {e}");
-            }
-            eprintln!("SKIPPED postgres::{name}: PostgreSQL at {shown} unreachable: {e}");
-            return;
-        }
-    };
-    let schema = unique_name();
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut admin)
-        .await
-        .expect("create schema");
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
-    let outcome = async {
+    support::with_schema(&format!("postgres::{name}"), |url| async move {
         let store = store::open(&url).await.expect("open postgres");
         let outcome = std::panic::AssertUnwindSafe(test(Target {
-            url: url.clone(),
+            url,
             store: store.clone(),
         }))
         .catch_unwind()
         .await;
         store.close().await;
-        outcome
-    }
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    })
     .await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut admin)
-        .await
-        .expect("drop schema");
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 /// One `#[tokio::test]` per behaviour and database.
