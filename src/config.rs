@@ -143,6 +143,7 @@ impl ServeArgs {
                 login_timeout: self.login_timeout,
                 keepalive: self.keepalive,
                 max_subscriptions: self.max_subscriptions,
+                ..ProtocolConfig::default()
             },
             driver: DriverConfig {
                 send_retry: self.send_retry,

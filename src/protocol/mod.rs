@@ -83,6 +83,14 @@ pub enum CallResult {
     Failed(String),
     /// EMQX's ConnectionAdapter could not be reached in time.
     Unreachable,
+    /// The answer to [`Call::Who`]: how many clientids match, and the
+    /// first of them in byte order.
+    Who {
+        total: u64,
+        ids: Vec<String>,
+    },
+    /// The answer to [`Call::History`]: stored messages, oldest first.
+    History(Vec<Message>),
 }
 
 /// A call to EMQX's ConnectionAdapter for this connection.
@@ -113,6 +121,19 @@ pub enum Call {
     },
     /// Close the socket; bytes sent before it are delivered first.
     Close,
+    /// Online clientids starting with `prefix`, at most `limit` of them,
+    /// from the presence service (not EMQX). Answered with
+    /// [`CallResult::Who`].
+    Who {
+        prefix: String,
+        limit: usize,
+    },
+    /// The newest `limit` stored messages of `topic`, from the history
+    /// service (not EMQX). Answered with [`CallResult::History`].
+    History {
+        topic: String,
+        limit: usize,
+    },
 }
 
 /// What a session asks the driver to do, in order.
@@ -158,6 +179,14 @@ pub struct ProtocolConfig {
     pub keepalive: Duration,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// Whether the presence and history service is there to answer
+    /// [`Call::Who`] and [`Call::History`]; without it protocols refuse
+    /// the commands that need it.
+    pub presence_history: bool,
+    /// Clientids one `WHO` lists at most.
+    pub who_max: usize,
+    /// Messages one `HISTORY` replays at most.
+    pub history_max: usize,
 }
 
 impl Default for ProtocolConfig {
@@ -167,6 +196,9 @@ impl Default for ProtocolConfig {
             login_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(60),
             max_subscriptions: 100,
+            presence_history: false,
+            who_max: 100,
+            history_max: 100,
         }
     }
 }
