@@ -209,6 +209,33 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// A store URL. It may carry a password, so `Debug` and `Display` show it
+/// redacted; [`StoreUrl::expose`] gives the URL itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+    /// The URL itself, for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreUrl({:?})", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
 /// `url` with any password replaced by `***`, for logs.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -314,6 +341,14 @@ mod tests {
             "postgres://u:***@db/x",
             "the last @ ends the user info"
         );
+    }
+
+    #[test]
+    fn store_urls_print_redacted() {
+        let url = StoreUrl::new("postgres://u:secret@db/x");
+        assert_eq!(url.to_string(), "postgres://u:***@db/x");
+        assert!(!format!("{url:?}").contains("secret"));
+        assert_eq!(url.expose(), "postgres://u:secret@db/x");
     }
 
     #[tokio::test]
