@@ -335,7 +335,7 @@ mod tests {
             "postgres://u@db/x",
             "no password"
         );
-        assert_eq!(redact_url("sqlite:/tmp/x.db"), "sqlite:/tmp/x.db");
+        assert_eq!(redact_url("sqlite:data/x.db"), "sqlite:data/x.db");
         assert_eq!(
             redact_url("postgres://u:p@ss@db/x"),
             "postgres://u:***@db/x",
