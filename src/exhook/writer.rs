@@ -105,9 +105,9 @@ impl Writer {
             if got == 0 {
                 break;
             }
-            if self.write_all(&records).await.is_err() {
+            if let Err(unwritten) = self.write_all(&records).await {
                 // Grace is over: count what will never be written.
-                let left = records.len() as u64 + rx.len() as u64;
+                let left = unwritten as u64 + rx.len() as u64;
                 self.stats.abandoned.fetch_add(left, Ordering::Relaxed);
                 warn!(
                     records = left,
@@ -121,20 +121,24 @@ impl Writer {
     }
 
     /// Writes `records` in order: runs of messages as one batch, presence
-    /// changes one by one. `Err` when shutdown's grace ran out; then the
-    /// records written so far are already counted, the rest are counted by
-    /// the caller (so `abandoned` may overcount a partly written run).
-    async fn write_all(&mut self, records: &[Record]) -> Result<(), ()> {
+    /// changes one by one. When shutdown's grace runs out, `Err` says how
+    /// many of `records` were not written (those written are counted).
+    async fn write_all(&mut self, records: &[Record]) -> Result<(), usize> {
         let mut at = 0;
         while at < records.len() {
+            let left = records.len() - at;
             match &records[at] {
                 Record::Connected(p) => {
-                    self.write_or_reject(Write::Connected(p)).await?;
+                    if self.write_or_reject(Write::Connected(p)).await.is_err() {
+                        return Err(left);
+                    }
                     at += 1;
                 }
                 Record::Disconnected { clientid, node } => {
-                    self.write_or_reject(Write::Disconnected(clientid, node))
-                        .await?;
+                    let w = Write::Disconnected(clientid, node);
+                    if self.write_or_reject(w).await.is_err() {
+                        return Err(left);
+                    }
                     at += 1;
                 }
                 Record::Message(_) => {
@@ -146,23 +150,28 @@ impl Writer {
                         })
                         .collect();
                     at += run.len();
-                    self.write_messages(&run).await?;
+                    if let Err(unwritten) = self.write_messages(&run).await {
+                        return Err(unwritten + (records.len() - at));
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    async fn write_messages(&mut self, run: &[StoredMessage]) -> Result<(), ()> {
+    /// One run of messages; `Err` says how many of them were not written.
+    async fn write_messages(&mut self, run: &[StoredMessage]) -> Result<(), usize> {
         match self.write(&Write::Messages(run)).await {
             Ok(()) => Ok(()),
-            Err(Failed::Abandoned) => Err(()),
+            Err(Failed::Abandoned) => Err(run.len()),
             // One bad message must not sink the others: one by one, so
             // that only the refused ones are given up.
             Err(Failed::Rejected(_)) if run.len() > 1 => {
-                for m in run {
-                    self.write_or_reject(Write::Messages(std::slice::from_ref(m)))
-                        .await?;
+                for (i, m) in run.iter().enumerate() {
+                    let one = Write::Messages(std::slice::from_ref(m));
+                    if self.write_or_reject(one).await.is_err() {
+                        return Err(run.len() - i);
+                    }
                 }
                 Ok(())
             }
@@ -173,6 +182,7 @@ impl Writer {
         }
     }
 
+    /// One write; a refusal is counted and passes, `Err` is abandonment.
     async fn write_or_reject(&mut self, w: Write<'_>) -> Result<(), ()> {
         match self.write(&w).await {
             Ok(()) => Ok(()),
