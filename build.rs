@@ -1,10 +1,16 @@
-//! Generates the gRPC code for EMQX's ExProto interface.
+//! Generates the gRPC code for EMQX's ExProto and ExHook interfaces.
 //!
 //! protox compiles the .proto files in pure Rust, so a fresh machine needs no
-//! system `protoc`.
+//! system `protoc`. Both ExHook versions are compiled: EMQX 5.0-5.8 speak
+//! `emqx.exhook.v2`, 5.9 and later `emqx.exhook.v3`, and one hook server
+//! serves both.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/exproto.proto"];
+    let files = [
+        "proto/exproto.proto",
+        "proto/exhook/v2/exhook.proto",
+        "proto/exhook/v3/exhook.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

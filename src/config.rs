@@ -10,9 +10,13 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::exhook::HookConfig;
+use crate::protocol::chat::topic;
 use crate::protocol::ProtocolConfig;
 use crate::server::AdapterConfig;
+use crate::server::PresenceConfig;
 use crate::session::DriverConfig;
+use crate::store::{Retention, StoreUrl};
 use crate::tls::{EmqxTlsFiles, ServerTlsFiles};
 
 /// Parses a duration given in plain seconds (`2`, `0.5`, `0`).
@@ -50,6 +54,32 @@ fn parse_max_line(s: &str) -> Result<usize, String> {
         return Err(format!("{v} bytes: must be between 16 and 16777216"));
     }
     Ok(v)
+}
+
+fn parse_filter(s: &str) -> Result<String, String> {
+    let f = s.trim();
+    topic::validate_filter(f).map_err(|e| format!("{f:?}: {e}"))?;
+    Ok(f.to_string())
+}
+
+fn parse_list_max(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if !(1..=10_000).contains(&v) {
+        return Err(format!("{v}: must be between 1 and 10000"));
+    }
+    Ok(v)
+}
+
+fn parse_store(s: &str) -> Result<StoreUrl, String> {
+    let ok =
+        s.starts_with("sqlite:") || s.starts_with("postgres://") || s.starts_with("postgresql://");
+    if !ok {
+        return Err("use sqlite:PATH, sqlite::memory: or postgres://user@host/db".to_string());
+    }
+    Ok(StoreUrl::new(s))
 }
 
 /// Flags of `exproto-adapter serve`.
@@ -190,6 +220,41 @@ pub struct ServeArgs {
         value_name = "PEM"
     )]
     pub emqx_key: Option<PathBuf>,
+    /// Address for EMQX's ExHook calls (`exhook.servers[].url`); serving
+    /// them enables presence and history (`WHO`, `HISTORY`). Off if unset.
+    #[arg(long, env = "EXPROTO_EXHOOK_LISTEN", value_name = "ADDR")]
+    pub exhook_listen: Option<SocketAddr>,
+
+    /// Where presence and history are kept: `sqlite:PATH` (created if
+    /// missing), `sqlite::memory:` or `postgres://user[:password]@host/db`.
+    // The env value stays out of `--help`: it may hold a password.
+    #[arg(long, env = "EXPROTO_STORE", hide_env_values = true, default_value = "sqlite:exproto-adapter.db", value_parser = parse_store, value_name = "URL")]
+    pub store: StoreUrl,
+
+    /// Topic filters whose messages are kept for `HISTORY`, comma separated.
+    #[arg(long, env = "EXPROTO_HISTORY_TOPICS", default_value = "chat/#", value_delimiter = ',', value_parser = parse_filter, value_name = "FILTERS")]
+    pub history_topics: Vec<String>,
+
+    /// Messages kept per topic (the newest); 0 keeps all.
+    #[arg(long, env = "EXPROTO_HISTORY_MAX_PER_TOPIC", default_value_t = 1000)]
+    pub history_max_per_topic: u64,
+
+    /// Seconds a stored message is kept; 0 keeps messages forever.
+    #[arg(long, env = "EXPROTO_HISTORY_MAX_AGE", default_value = "604800", value_parser = parse_seconds, value_name = "SECONDS")]
+    pub history_max_age: Duration,
+
+    /// Clientids one `WHO` lists at most (the total counts them all).
+    #[arg(long, env = "EXPROTO_WHO_MAX", default_value = "100", value_parser = parse_list_max)]
+    pub who_max: usize,
+
+    /// The largest `n` of `HISTORY` (messages replayed at most).
+    #[arg(long, env = "EXPROTO_HISTORY_MAX", default_value = "100", value_parser = parse_list_max)]
+    pub history_max: usize,
+
+    /// Hook records (presence changes, messages) waiting for the database
+    /// at most; more are dropped and counted so EMQX is never held up.
+    #[arg(long, env = "EXPROTO_EXHOOK_QUEUE", default_value_t = 10_000)]
+    pub exhook_queue: usize,
 }
 
 impl Default for ServeArgs {
@@ -208,6 +273,21 @@ impl Default for ServeArgs {
 impl ServeArgs {
     /// The adapter configuration these flags describe.
     pub fn to_config(&self) -> AdapterConfig {
+        let presence = self.exhook_listen.map(|exhook_listen| PresenceConfig {
+            exhook_listen,
+            store: self.store.clone(),
+            hooks: HookConfig {
+                history_topics: self.history_topics.clone(),
+                queue: self.exhook_queue.max(1),
+                retention: Retention {
+                    max_per_topic: (self.history_max_per_topic > 0)
+                        .then_some(self.history_max_per_topic),
+                    max_age: (!self.history_max_age.is_zero()).then_some(self.history_max_age),
+                },
+                ..HookConfig::default()
+            },
+            read_timeout: self.call_timeout,
+        });
         AdapterConfig {
             listen: self.listen,
             emqx: self.emqx.clone(),
@@ -219,6 +299,9 @@ impl ServeArgs {
                 keepalive: self.keepalive,
                 max_subscriptions: self.max_subscriptions,
                 max_publish_rate: self.max_publish_rate,
+                presence_history: presence.is_some(),
+                who_max: self.who_max,
+                history_max: self.history_max,
             },
             driver: DriverConfig {
                 send_retry: self.send_retry,
@@ -248,6 +331,7 @@ impl ServeArgs {
                 cert: self.emqx_cert.clone(),
                 key: self.emqx_key.clone(),
             },
+            presence,
         }
     }
 }
@@ -284,6 +368,69 @@ mod tests {
         assert_eq!(c.driver.max_pending_calls, 1024);
         assert_eq!(c.driver.pending_wait, c.call_timeout);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        // Presence and history are off until an ExHook address is given.
+        assert!(c.presence.is_none());
+        assert!(!c.protocol.presence_history);
+        assert_eq!((c.protocol.who_max, c.protocol.history_max), (100, 100));
+    }
+
+    fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        Wrap::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).map(|w| w.args)
+    }
+
+    #[test]
+    fn presence_and_history_flags() {
+        let c = serve_args(&["--exhook-listen", "127.0.0.1:9000"])
+            .unwrap()
+            .to_config();
+        let p = c.presence.expect("enabled");
+        assert!(c.protocol.presence_history);
+        assert_eq!(p.exhook_listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(p.store.expose(), "sqlite:exproto-adapter.db");
+        assert_eq!(p.hooks.history_topics, ["chat/#"]);
+        assert_eq!(
+            p.hooks.retention,
+            Retention {
+                max_per_topic: Some(1000),
+                max_age: Some(Duration::from_secs(604_800)),
+            }
+        );
+
+        let c = serve_args(&[
+            "--exhook-listen",
+            "127.0.0.1:0",
+            "--store",
+            "postgres://u:pw@db/chat",
+            "--history-topics",
+            "chat/#, news/+",
+            "--history-max-per-topic",
+            "0",
+            "--history-max-age",
+            "0",
+            "--who-max",
+            "5",
+            "--history-max",
+            "500",
+        ])
+        .unwrap()
+        .to_config();
+        let p = c.presence.expect("enabled");
+        assert_eq!(p.hooks.history_topics, ["chat/#", "news/+"]);
+        assert_eq!(p.hooks.retention, Retention::default());
+        assert_eq!((c.protocol.who_max, c.protocol.history_max), (5, 500));
+        // The password stays out of debug output.
+        assert!(!format!("{p:?}").contains("pw@"));
+
+        assert!(serve_args(&["--history-topics", "chat/#/x"]).is_err());
+        assert!(serve_args(&["--store", "mysql://x"]).is_err());
+        assert!(serve_args(&["--who-max", "0"]).is_err());
+        assert!(serve_args(&["--history-max", "10001"]).is_err());
     }
 
     #[test]

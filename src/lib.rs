@@ -8,11 +8,13 @@
 pub mod config;
 pub mod dev_gateway;
 pub mod emqx;
+pub mod exhook;
 pub mod handler;
 pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod tls;
 
 /// Code generated from EMQX's `exproto.proto` (package `emqx.exproto.v1`).

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve EMQX's ExProto handler services (unary and streaming).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a stand-in for EMQX's ExProto gateway, for development and tests:
     /// a TCP listener for clients, a ConnectionAdapter service, a broker.
     DevGateway(GatewayArgs),

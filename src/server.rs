@@ -1,5 +1,6 @@
 //! Starts the handler gRPC server: both handler services on one port, over a
-//! shared [`Driver`].
+//! shared [`Driver`]; and, when presence and history are enabled, the
+//! ExHook server and the store the driver reads `WHO` and `HISTORY` from.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,11 +14,13 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::emqx::{ConnectionAdapter, GrpcAdapter};
+use crate::exhook::{HookConfig, Hooks};
 use crate::handler::{StreamHandler, UnaryHandler};
 use crate::pb::connection_handler_server::ConnectionHandlerServer;
 use crate::pb::connection_unary_handler_server::ConnectionUnaryHandlerServer;
 use crate::protocol::{self, Protocol, ProtocolConfig};
-use crate::session::{Driver, DriverConfig};
+use crate::session::{Driver, DriverConfig, StoreReader};
+use crate::store::{self, Store, StoreUrl};
 use crate::tls::{EmqxTlsFiles, ServerTlsFiles};
 
 /// Everything the adapter needs to run; the CLI builds it from flags.
@@ -44,7 +47,26 @@ pub struct AdapterConfig {
     pub tls: Option<ServerTlsFiles>,
     /// TLS settings for an `https://` EMQX URL (`server.ssl_options`).
     pub emqx_tls: EmqxTlsFiles,
+    /// The presence and history service; `None` leaves `WHO` and
+    /// `HISTORY` answering `ERR 501`.
+    pub presence: Option<PresenceConfig>,
 }
+
+/// The presence and history service: EMQX's ExHook calls in, a store.
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// Where the ExHook `HookProvider` listens (EMQX's
+    /// `exhook.servers[].url`).
+    pub exhook_listen: SocketAddr,
+    /// The database (`sqlite:PATH`, `sqlite::memory:`, `postgres://...`).
+    pub store: StoreUrl,
+    pub hooks: HookConfig,
+    /// Bound on each `WHO` or `HISTORY` read.
+    pub read_timeout: Duration,
+}
+
+/// How long shutdown lets the hook writer empty its queue.
+const HOOK_DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 impl Default for AdapterConfig {
     fn default() -> Self {
@@ -59,6 +81,7 @@ impl Default for AdapterConfig {
             shutdown_grace: Duration::from_secs(10),
             tls: None,
             emqx_tls: EmqxTlsFiles::default(),
+            presence: None,
         }
     }
 }
@@ -71,6 +94,41 @@ pub struct RunningAdapter {
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     /// The bound on a shutdown's drain (`AdapterConfig::shutdown_grace`).
     grace: Duration,
+    presence: Option<Presence>,
+}
+
+/// The running presence and history service.
+struct Presence {
+    hooks: Hooks,
+    store: Arc<dyn Store>,
+}
+
+impl Presence {
+    async fn start(config: &PresenceConfig) -> anyhow::Result<Self> {
+        let store = store::open(config.store.expose())
+            .await
+            .with_context(|| format!("cannot open the store {}", config.store))?;
+        let listener = TcpListener::bind(config.exhook_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.exhook_listen))?;
+        let mut hooks = Hooks::start(store.clone(), &config.hooks);
+        hooks.serve(listener)?;
+        tracing::info!(
+            store = %config.store,
+            backend = store.backend(),
+            topics = ?config.hooks.history_topics,
+            "presence and history enabled"
+        );
+        Ok(Self { hooks, store })
+    }
+
+    /// Stops the hook server, lets the writer drain, closes the store.
+    async fn stop(self) -> anyhow::Result<()> {
+        let served = self.hooks.shutdown(HOOK_DRAIN_GRACE).await;
+        self.store.close().await;
+        served.context("exhook server")?;
+        Ok(())
+    }
 }
 
 impl RunningAdapter {
@@ -84,15 +142,28 @@ impl RunningAdapter {
         &self.driver
     }
 
+    /// The ExHook server, when presence and history are enabled.
+    pub fn hooks(&self) -> Option<&Hooks> {
+        self.presence.as_ref().map(|p| &p.hooks)
+    }
+
+    /// The store, when presence and history are enabled.
+    pub fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.presence.as_ref().map(|p| &p.store)
+    }
+
     /// Shuts down gracefully, within about `shutdown_grace`: new sockets
     /// get the protocol's shutting-down line and are closed, work already
-    /// taken (calls to EMQX, replies) finishes, then the server stops.
+    /// taken (calls to EMQX, replies) finishes, then the server stops, and
+    /// the hook server (if any) drains its queue into the store.
     /// Handler streams still open when the time is up are cut.
     ///
     /// # Errors
     /// When the server failed while running.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.stop_gracefully().await
+        let served = self.stop_gracefully().await;
+        self.stop_presence().await?;
+        served
     }
 
     /// Runs until `signal` resolves, then shuts down as
@@ -102,9 +173,17 @@ impl RunningAdapter {
     /// # Errors
     /// When the server failed.
     pub async fn wait(&mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
-        tokio::select! {
-            r = &mut self.task => { r.context("adapter server task")??; }
-            () = signal => self.stop_gracefully().await?,
+        let served = tokio::select! {
+            r = &mut self.task => r.context("adapter server task").and_then(|r| Ok(r?)),
+            () = signal => self.stop_gracefully().await,
+        };
+        self.stop_presence().await?;
+        served
+    }
+
+    async fn stop_presence(&mut self) -> anyhow::Result<()> {
+        if let Some(p) = self.presence.take() {
+            p.stop().await?;
         }
         Ok(())
     }
@@ -143,8 +222,11 @@ impl RunningAdapter {
 /// # Errors
 /// Unknown protocol, bad EMQX URL, or the address cannot be bound.
 pub async fn start(config: &AdapterConfig) -> anyhow::Result<RunningAdapter> {
+    // WHO and HISTORY are enabled exactly when the service runs.
+    let mut protocol_config = config.protocol.clone();
+    protocol_config.presence_history = config.presence.is_some();
     let protocol =
-        protocol::by_name(&config.protocol_name, &config.protocol).with_context(|| {
+        protocol::by_name(&config.protocol_name, &protocol_config).with_context(|| {
             format!(
                 "unknown protocol {:?} (known: {})",
                 config.protocol_name,
@@ -170,7 +252,20 @@ pub async fn start_with(
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    serve(listener, config, protocol, Arc::new(emqx))
+    let (presence, reader) = match &config.presence {
+        Some(c) => {
+            let p = Presence::start(c).await?;
+            let reader = StoreReader {
+                store: p.store.clone(),
+                timeout: c.read_timeout,
+            };
+            (Some(p), Some(reader))
+        }
+        None => (None, None),
+    };
+    let mut adapter = serve_inner(listener, config, protocol, Arc::new(emqx), reader)?;
+    adapter.presence = presence;
+    Ok(adapter)
 }
 
 /// Serves on an already bound listener with any EMQX client (tests use this
@@ -185,6 +280,16 @@ pub fn serve(
     protocol: Arc<dyn Protocol>,
     emqx: Arc<dyn ConnectionAdapter>,
 ) -> anyhow::Result<RunningAdapter> {
+    serve_inner(listener, config, protocol, emqx, None)
+}
+
+fn serve_inner(
+    listener: TcpListener,
+    config: &AdapterConfig,
+    protocol: Arc<dyn Protocol>,
+    emqx: Arc<dyn ConnectionAdapter>,
+    store: Option<StoreReader>,
+) -> anyhow::Result<RunningAdapter> {
     let addr = listener.local_addr()?;
     // TLS first: a bad file must fail before any task is started.
     let tls = config
@@ -192,7 +297,7 @@ pub fn serve(
         .as_ref()
         .map(crate::tls::server_config)
         .transpose()?;
-    let driver = Driver::new(protocol, emqx, config.driver.clone());
+    let driver = Driver::with_store(protocol, emqx, config.driver.clone(), store);
     let (stop, stopped) = oneshot::channel::<()>();
     // tonic does not apply its own tcp_nodelay to an incoming stream we
     // hand it; Nagle would add tens of ms to every small reply.
@@ -219,5 +324,6 @@ pub fn serve(
         stop: Some(stop),
         task,
         grace: config.shutdown_grace,
+        presence: None,
     })
 }

@@ -171,6 +171,11 @@ impl ConnectionAdapter for GrpcAdapter {
                                 })
                                 .await
                         }
+                        // The driver answers these from the store; they
+                        // have no EMQX call.
+                        Call::Who { .. } | Call::History { .. } => {
+                            Err(tonic::Status::invalid_argument("not an EMQX call"))
+                        }
                     },
                 }
             };

@@ -35,6 +35,9 @@ impl Op {
                 Call::Unsubscribe { .. } => "Unsubscribe",
                 Call::Publish { .. } => "Publish",
                 Call::Close => "Close",
+                // Answered by the presence and history service, not EMQX.
+                Call::Who { .. } => "Who",
+                Call::History { .. } => "History",
             },
         }
     }

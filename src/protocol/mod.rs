@@ -84,6 +84,14 @@ pub enum CallResult {
     Failed(String),
     /// EMQX's ConnectionAdapter could not be reached in time.
     Unreachable,
+    /// The answer to [`Call::Who`]: how many clientids match, and the
+    /// first of them in byte order.
+    Who {
+        total: u64,
+        ids: Vec<String>,
+    },
+    /// The answer to [`Call::History`]: stored messages, oldest first.
+    History(Vec<Message>),
 }
 
 /// A call to EMQX's ConnectionAdapter for this connection.
@@ -114,6 +122,19 @@ pub enum Call {
     },
     /// Close the socket; bytes sent before it are delivered first.
     Close,
+    /// Online clientids starting with `prefix`, at most `limit` of them,
+    /// from the presence service (not EMQX). Answered with
+    /// [`CallResult::Who`].
+    Who {
+        prefix: String,
+        limit: usize,
+    },
+    /// The newest `limit` stored messages of `topic`, from the history
+    /// service (not EMQX). Answered with [`CallResult::History`].
+    History {
+        topic: String,
+        limit: usize,
+    },
 }
 
 /// What a session asks the driver to do, in order.
@@ -174,6 +195,14 @@ pub struct ProtocolConfig {
     /// Publishes per second one connection may make; 0 is no limit (the
     /// default, as PROTOCOL.md says). Bursts up to one second's worth.
     pub max_publish_rate: u32,
+    /// Whether the presence and history service is there to answer
+    /// [`Call::Who`] and [`Call::History`]; without it protocols refuse
+    /// the commands that need it.
+    pub presence_history: bool,
+    /// Clientids one `WHO` lists at most.
+    pub who_max: usize,
+    /// Messages one `HISTORY` replays at most.
+    pub history_max: usize,
 }
 
 impl Default for ProtocolConfig {
@@ -184,6 +213,9 @@ impl Default for ProtocolConfig {
             keepalive: Duration::from_secs(60),
             max_subscriptions: 100,
             max_publish_rate: 0,
+            presence_history: false,
+            who_max: 100,
+            history_max: 100,
         }
     }
 }

@@ -16,6 +16,8 @@
 //! Shutdown drains: [`Driver::begin_shutdown`] turns new sockets away, and
 //! [`Driver::drain`] waits until no worker, handler call or notice task is
 //! busy, so commands already taken get their replies.
+//! `WHO` and `HISTORY` calls are answered from the store, when the driver
+//! has one ([`StoreReader`]), instead of EMQX.
 
 mod timers;
 
@@ -30,8 +32,11 @@ use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
 use crate::emqx::{ConnectionAdapter, EmqxError, Op};
-use crate::protocol::{Action, Call, CallResult, Event, Protocol, Refusal, Session, SessionInit};
+use crate::protocol::{
+    Action, Call, CallResult, Event, Message, Protocol, Refusal, Session, SessionInit,
+};
 use crate::registry::{Entry, Item, Orphan, Registry};
+use crate::store::Store;
 use timers::Timers;
 
 /// How the driver treats EMQX and connections; see the CLI for each.
@@ -78,6 +83,17 @@ impl Default for DriverConfig {
     }
 }
 
+/// Where the driver reads presence and history for [`Call::Who`] and
+/// [`Call::History`].
+#[derive(Clone)]
+pub struct StoreReader {
+    pub store: Arc<dyn Store>,
+    /// Bound on each read: a stalled database answers the command with an
+    /// error instead of holding the session (and the EMQX connection
+    /// behind it) forever.
+    pub timeout: Duration,
+}
+
 /// Owns the registry and runs every session. Shared by both handler services.
 pub struct Driver {
     registry: Registry,
@@ -85,6 +101,8 @@ pub struct Driver {
     emqx: Arc<dyn ConnectionAdapter>,
     timers: Timers,
     config: DriverConfig,
+    /// `None` when presence and history are not enabled.
+    store: Option<StoreReader>,
     /// Sessions admitted and not yet ended, for `max_sessions`. Counted
     /// apart from the map so that admitting is one atomic step.
     live: AtomicUsize,
@@ -141,6 +159,16 @@ impl Driver {
         emqx: Arc<dyn ConnectionAdapter>,
         config: DriverConfig,
     ) -> Arc<Self> {
+        Self::with_store(protocol, emqx, config, None)
+    }
+
+    /// [`Driver::new`] with the store that answers `WHO` and `HISTORY`.
+    pub fn with_store(
+        protocol: Arc<dyn Protocol>,
+        emqx: Arc<dyn ConnectionAdapter>,
+        config: DriverConfig,
+        store: Option<StoreReader>,
+    ) -> Arc<Self> {
         let driver = Arc::new_cyclic(|weak: &Weak<Driver>| {
             let weak = weak.clone();
             let timers = Timers::start(move |conn| {
@@ -160,6 +188,7 @@ impl Driver {
                 shutting_down: AtomicBool::new(false),
                 activity: Arc::default(),
                 config,
+                store,
             }
         });
         let weak = Arc::downgrade(&driver);
@@ -530,6 +559,12 @@ impl Driver {
                 }
             }
             let Some(call) = call else { break };
+            if matches!(call, Call::Who { .. } | Call::History { .. }) {
+                let reply = self.lookup(conn, call).await;
+                session.set_time(self.registry.now_ms());
+                session.handle(Event::Reply(reply), actions);
+                continue;
+            }
             let is_close = call == Call::Close;
             if is_close && !out.is_empty() {
                 // What was said before closing must reach the client first.
@@ -600,6 +635,63 @@ impl Driver {
         let result = self.emqx.call(conn, op).await;
         drop(permit);
         result
+    }
+
+    /// Answers `WHO` and `HISTORY` from the store, within its timeout.
+    async fn lookup(&self, conn: &str, call: Call) -> CallResult {
+        let Some(reader) = &self.store else {
+            // A protocol asked although the service is off: its config
+            // and the driver disagree, which is ours to fix, not EMQX's.
+            warn!(%conn, "WHO/HISTORY asked of a driver without a store");
+            return CallResult::Failed("not enabled".into());
+        };
+        let store = &*reader.store;
+        let outcome = match call {
+            Call::Who { prefix, limit } => {
+                tokio::time::timeout(reader.timeout, store.presence_list(&prefix, limit))
+                    .await
+                    .map(|r| {
+                        r.map(|page| CallResult::Who {
+                            total: page.total,
+                            ids: page.ids,
+                        })
+                    })
+            }
+            Call::History { topic, limit } => {
+                tokio::time::timeout(reader.timeout, store.history_newest(&topic, limit))
+                    .await
+                    .map(|r| {
+                        r.map(|stored| {
+                            CallResult::History(
+                                stored
+                                    .into_iter()
+                                    .map(|m| Message {
+                                        node: String::new(),
+                                        id: m.id,
+                                        qos: m.qos,
+                                        from: m.from,
+                                        topic: m.topic,
+                                        payload: m.payload,
+                                        timestamp_ms: m.timestamp_ms,
+                                    })
+                                    .collect(),
+                            )
+                        })
+                    })
+            }
+            _ => return CallResult::Failed("not a store call".into()),
+        };
+        match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => {
+                warn!(%conn, error = %e, "store read failed");
+                CallResult::Failed("store unavailable".into())
+            }
+            Err(_) => {
+                warn!(%conn, timeout = ?reader.timeout, "store read timed out");
+                CallResult::Failed("store unavailable".into())
+            }
+        }
     }
 
     /// A call that must get through: retried with backoff while EMQX is

@@ -54,6 +54,20 @@ impl Session for ToySession {
                 }));
                 self.waiting = true;
             }
+            Event::Bytes(b) if &b[..] == b"who" => {
+                out.push(Action::Call(Call::Who {
+                    prefix: "a".into(),
+                    limit: 2,
+                }));
+                self.waiting = true;
+            }
+            Event::Bytes(b) if &b[..] == b"history" => {
+                out.push(Action::Call(Call::History {
+                    topic: "t".into(),
+                    limit: 5,
+                }));
+                self.waiting = true;
+            }
             Event::Bytes(b) if &b[..] == b"quit" => {
                 out.push(Action::Send(Bytes::from_static(b"bye\n")));
                 out.push(Action::Call(Call::Close));
@@ -111,13 +125,17 @@ struct Fixture {
 }
 
 fn fixture(config: DriverConfig) -> Fixture {
+    fixture_with_store(config, None)
+}
+
+fn fixture_with_store(config: DriverConfig, store: Option<StoreReader>) -> Fixture {
     let (tx, calls) = mpsc::unbounded_channel();
     let emqx = Arc::new(FakeEmqx {
         calls: tx,
         script: Mutex::new(Box::new(|_, _| Ok(()))),
         gate: Arc::new(tokio::sync::Semaphore::new(usize::MAX >> 4)),
     });
-    let driver = Driver::new(Arc::new(Toy), emqx.clone(), config);
+    let driver = Driver::with_store(Arc::new(Toy), emqx.clone(), config, store);
     Fixture {
         driver,
         calls,
@@ -562,4 +580,92 @@ async fn a_shutdown_refuses_new_sockets_and_drains_work_in_flight() {
     // Existing sessions are still served.
     f.bytes("a", "x", false).await;
     assert_eq!(f.next_call().await, ("a".into(), send("x")));
+}
+
+mod store_calls {
+    use super::*;
+    use crate::store::{self, Fault, FaultyStore, Presence, StoredMessage};
+
+    async fn reader(timeout: Duration) -> (StoreReader, Arc<FaultyStore>) {
+        let db = store::open("sqlite::memory:").await.unwrap();
+        for id in ["bob", "alice", "alex", "anna"] {
+            db.presence_upsert(Presence {
+                clientid: id.into(),
+                username: String::new(),
+                node: "n".into(),
+                connected_at_ms: 0,
+            })
+            .await
+            .unwrap();
+        }
+        db.history_insert(&[StoredMessage {
+            id: "1".into(),
+            topic: "t".into(),
+            from: "alice".into(),
+            payload: Bytes::from_static(b"hi"),
+            qos: 1,
+            timestamp_ms: 7,
+        }])
+        .await
+        .unwrap();
+        let faulty = Arc::new(FaultyStore::new(db));
+        let reader = StoreReader {
+            store: faulty.clone(),
+            timeout,
+        };
+        (reader, faulty)
+    }
+
+    #[tokio::test]
+    async fn who_and_history_are_answered_by_the_store_not_emqx() {
+        let (reader, _) = reader(Duration::from_secs(5)).await;
+        let mut f = fixture_with_store(DriverConfig::default(), Some(reader));
+        f.create("c").await;
+        assert_eq!(f.next_call().await.1, send("hi\n"));
+        f.bytes("c", "who", false).await;
+        assert_eq!(
+            f.next_call().await.1,
+            send("after Who { total: 3, ids: [\"alex\", \"alice\"] }\n")
+        );
+        f.bytes("c", "history", false).await;
+        let (_, op) = f.next_call().await;
+        let Op::Send(b) = op else { panic!("{op:?}") };
+        let text = String::from_utf8(b.to_vec()).unwrap();
+        assert!(text.starts_with("after History([Message {"), "{text}");
+        assert!(text.contains("payload: b\"hi\", timestamp_ms: 7"), "{text}");
+        // Nothing but the sends reached EMQX.
+        assert!(f.calls.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_or_failing_store_answers_with_an_error() {
+        let (reader, faulty) = reader(Duration::from_millis(100)).await;
+        let mut f = fixture_with_store(DriverConfig::default(), Some(reader));
+        f.create("c").await;
+        f.next_call().await;
+        faulty.set(Fault::Stalled);
+        f.bytes("c", "who", false).await;
+        assert_eq!(
+            f.next_call().await.1,
+            send("after Failed(\"store unavailable\")\n")
+        );
+        faulty.set(Fault::Down);
+        f.bytes("c", "history", false).await;
+        assert_eq!(
+            f.next_call().await.1,
+            send("after Failed(\"store unavailable\")\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_store_the_call_fails_rather_than_reaching_emqx() {
+        let mut f = fixture(DriverConfig::default());
+        f.create("c").await;
+        f.next_call().await;
+        f.bytes("c", "who", false).await;
+        assert_eq!(
+            f.next_call().await.1,
+            send("after Failed(\"not enabled\")\n")
+        );
+    }
 }

@@ -12,9 +12,8 @@ use super::escape::unescape;
 use super::parser::Line;
 use super::topic::TopicError;
 
-/// The largest `HISTORY` count, and the default one.
-pub(crate) const HISTORY_MAX: u8 = 100;
-pub(crate) const HISTORY_DEFAULT: u8 = 20;
+/// The `HISTORY` count when none is given (or the maximum, if lower).
+pub(crate) const HISTORY_DEFAULT: usize = 20;
 
 /// A client command. Byte slices are parameters as sent: still escaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +44,7 @@ pub(crate) enum Command<'a> {
     },
     History {
         topic: &'a [u8],
-        count: u8,
+        count: usize,
     },
 }
 
@@ -58,8 +57,8 @@ pub(crate) enum Reject {
     Usage(&'static str),
     #[error("qos must be 0, 1 or 2")]
     BadQos,
-    #[error("count must be 1 to 100")]
-    BadCount,
+    #[error("count must be 1 to {0}")]
+    BadCount(usize),
     #[error("invalid utf-8")]
     InvalidUtf8,
     #[error("malformed line")]
@@ -70,6 +69,8 @@ pub(crate) enum Reject {
     Topic(#[from] TopicError),
     #[error("not connected")]
     NotConnected,
+    #[error("no subscription matches the topic")]
+    NotSubscribed,
     #[error("not enabled")]
     NotEnabled,
     #[error("too many subscriptions")]
@@ -91,12 +92,13 @@ impl Reject {
             Self::UnknownCommand
             | Self::Usage(_)
             | Self::BadQos
-            | Self::BadCount
+            | Self::BadCount(_)
             | Self::InvalidUtf8
             | Self::Malformed
             | Self::BadText(_)
             | Self::Topic(_) => 400,
             Self::NotConnected => 401,
+            Self::NotSubscribed => 403,
             Self::LoginTimeout => 408,
             Self::AlreadyConnected => 409,
             Self::LineTooLong => 413,
@@ -172,11 +174,12 @@ impl Verb {
 
 impl<'a> Command<'a> {
     /// The command a parsed line names, after the syntax-level checks.
+    /// `history_max` is the largest `HISTORY` count accepted (at least 1).
     ///
     /// # Errors
     /// [`Reject::UnknownCommand`], [`Reject::Usage`] for a wrong number of
     /// parameters, [`Reject::BadQos`], [`Reject::BadCount`].
-    pub(crate) fn from_line(line: &Line<'a>) -> Result<Self, Reject> {
+    pub(crate) fn from_line(line: &Line<'a>, history_max: usize) -> Result<Self, Reject> {
         let verb = Verb::parse(line.verb).ok_or(Reject::UnknownCommand)?;
         let (min, max) = verb.arity();
         if !(min..=max).contains(&line.count()) {
@@ -216,16 +219,19 @@ impl<'a> Command<'a> {
             Verb::Help => Self::Help,
             Verb::Quit => Self::Quit,
             Verb::Who => Self::Who { prefix: get(0) },
-            Verb::History => Self::History {
-                topic: first,
-                count: match get(1) {
-                    None => HISTORY_DEFAULT,
-                    Some(raw) => number(raw)
-                        .filter(|n| (1..=u64::from(HISTORY_MAX)).contains(n))
-                        .and_then(|n| u8::try_from(n).ok())
-                        .ok_or(Reject::BadCount)?,
-                },
-            },
+            Verb::History => {
+                let max = history_max.max(1);
+                Self::History {
+                    topic: first,
+                    count: match get(1) {
+                        None => HISTORY_DEFAULT.min(max),
+                        Some(raw) => number(raw)
+                            .and_then(|n| usize::try_from(n).ok())
+                            .filter(|n| (1..=max).contains(n))
+                            .ok_or(Reject::BadCount(max))?,
+                    },
+                }
+            }
         })
     }
 
@@ -283,7 +289,7 @@ mod tests {
     use crate::protocol::chat::parser::parse_line;
 
     fn cmd(input: &str) -> Result<Command<'_>, Reject> {
-        Command::from_line(&parse_line(input.as_bytes()).expect("not blank"))
+        Command::from_line(&parse_line(input.as_bytes()).expect("not blank"), 100)
     }
 
     #[test]
@@ -449,10 +455,14 @@ mod tests {
                     count: 100,
                 }),
             ),
-            ("HISTORY t 0", Err(Reject::BadCount)),
-            ("HISTORY t 101", Err(Reject::BadCount)),
-            ("HISTORY t 256", Err(Reject::BadCount)),
-            ("HISTORY t x", Err(Reject::BadCount)),
+            ("HISTORY t 0", Err(Reject::BadCount(100))),
+            ("HISTORY t 101", Err(Reject::BadCount(100))),
+            ("HISTORY t 256", Err(Reject::BadCount(100))),
+            ("HISTORY t x", Err(Reject::BadCount(100))),
+            (
+                "HISTORY t 99999999999999999999999",
+                Err(Reject::BadCount(100)),
+            ),
             ("HISTORY", Err(Reject::Usage("HISTORY topic [n]"))),
             ("NOPE", Err(Reject::UnknownCommand)),
             ("PINGS", Err(Reject::UnknownCommand)),
@@ -466,10 +476,37 @@ mod tests {
     }
 
     #[test]
+    fn the_history_maximum_is_configurable() {
+        fn history(input: &str, max: usize) -> Result<Command<'_>, Reject> {
+            Command::from_line(&parse_line(input.as_bytes()).expect("not blank"), max)
+        }
+        assert_eq!(
+            history("HISTORY t 500", 500),
+            Ok(Command::History {
+                topic: b"t",
+                count: 500
+            })
+        );
+        assert_eq!(history("HISTORY t 501", 500), Err(Reject::BadCount(500)));
+        // The default count never exceeds the maximum.
+        assert_eq!(
+            history("HISTORY t", 5),
+            Ok(Command::History {
+                topic: b"t",
+                count: 5
+            })
+        );
+        assert_eq!(history("HISTORY t 6", 5), Err(Reject::BadCount(5)));
+    }
+
+    #[test]
     fn codes() {
         assert_eq!(Reject::UnknownCommand.code(), 400);
         assert_eq!(Reject::Topic(TopicError::Empty).code(), 400);
         assert_eq!(Reject::NotConnected.code(), 401);
+        assert_eq!(Reject::NotSubscribed.code(), 403);
+        assert_eq!(Reject::BadCount(100).code(), 400);
+        assert_eq!(Reject::BadCount(100).to_string(), "count must be 1 to 100");
         assert_eq!(Reject::LoginTimeout.code(), 408);
         assert_eq!(Reject::AlreadyConnected.code(), 409);
         assert_eq!(Reject::LineTooLong.code(), 413);

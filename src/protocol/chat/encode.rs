@@ -85,7 +85,6 @@ pub(crate) fn ok_pub(out: &mut BytesMut, topic: &[u8]) {
 }
 
 /// `OK HISTORY <topic> <count>`, after the `HIST` lines.
-#[allow(dead_code)] // HISTORY answers 501 until the history service exists.
 pub(crate) fn ok_history(out: &mut BytesMut, topic: &[u8], count: usize) {
     ok_with(out, b"HISTORY", topic);
     out.put_u8(b' ');
@@ -95,10 +94,9 @@ pub(crate) fn ok_history(out: &mut BytesMut, topic: &[u8], count: usize) {
 
 /// `OK WHO <total> :<id> <id> ...`, each id escaped as a middle parameter
 /// so that the list splits on spaces.
-#[allow(dead_code)] // WHO answers 501 until the presence service exists.
-pub(crate) fn ok_who<'a>(out: &mut BytesMut, total: usize, ids: impl IntoIterator<Item = &'a str>) {
+pub(crate) fn ok_who<'a>(out: &mut BytesMut, total: u64, ids: impl IntoIterator<Item = &'a str>) {
     out.put_slice(b"OK WHO ");
-    push_u64(out, total as u64);
+    push_u64(out, total);
     out.put_slice(b" :");
     for (n, id) in ids.into_iter().enumerate() {
         if n > 0 {
@@ -119,7 +117,6 @@ pub(crate) fn msg(out: &mut BytesMut, topic: &[u8], from: &[u8], payload: &[u8])
 }
 
 /// `HIST <topic> <from> <timestamp-ms> :<payload>`.
-#[allow(dead_code)] // HISTORY answers 501 until the history service exists.
 pub(crate) fn hist(
     out: &mut BytesMut,
     topic: &[u8],

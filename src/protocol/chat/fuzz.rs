@@ -90,7 +90,8 @@ fn decode_one(line: &[u8]) {
         Err(ParseError::Malformed) => panic!("the grammar accepts every non-blank line"),
     };
     // The typed command and every value check must not panic.
-    if let Ok(Command::Sub { filter, .. } | Command::Unsub { filter }) = Command::from_line(&parsed)
+    if let Ok(Command::Sub { filter, .. } | Command::Unsub { filter }) =
+        Command::from_line(&parsed, 100)
     {
         if let Ok(f) = text_value(filter, "filter") {
             let _ = topic::validate_filter(&f);
@@ -205,6 +206,9 @@ pub fn run_session(data: &[u8]) -> Vec<u8> {
             Duration::from_secs(60)
         },
         login_timeout: Duration::from_secs(30),
+        presence_history: s.byte() & 1 == 1,
+        who_max: 1 + usize::from(s.byte() % 4),
+        history_max: 1 + usize::from(s.byte() % 4),
     };
     let chat = Chat::new(config.clone());
     let mut session = chat.new_session(SessionInit { random: 42 });
@@ -247,10 +251,22 @@ impl Script<'_> {
     }
 
     fn result(&mut self) -> CallResult {
-        match self.byte() % 6 {
+        // Answers of the wrong kind (a Who result for a Publish, say) are
+        // included on purpose: the session must survive them too.
+        match self.byte() % 8 {
             0..=2 => CallResult::Ok,
             3 => CallResult::Denied("Authorization deny".into()),
             4 => CallResult::Failed("Unknown crashes".into()),
+            5 => CallResult::Who {
+                total: u64::from(self.byte()),
+                ids: vec!["a b".into(), "-".into(), String::new()],
+            },
+            6 => CallResult::History(vec![crate::protocol::Message {
+                topic: "chat/x".into(),
+                from: "\\x".into(),
+                payload: Bytes::copy_from_slice(self.take(4)),
+                ..Default::default()
+            }]),
             _ => CallResult::Unreachable,
         }
     }
@@ -361,6 +377,10 @@ impl Checker {
             Call::Authenticate { .. } => {
                 assert!(!self.authenticated, "Authenticate when connected");
             }
+            Call::Who { .. } | Call::History { .. } => {
+                assert!(self.authenticated, "{call:?} before a successful CONNECT");
+                assert!(self.config.presence_history, "{call:?} while not enabled");
+            }
             Call::StartKeepalive { .. } => {}
             Call::Close => self.closed = true,
         }
@@ -435,7 +455,7 @@ mod tests {
     fn a_scripted_session_runs() {
         // Config, then: bytes "CONNECT a\n" (answered Ok, keepalive Ok),
         // bytes "SUB t\nPUB t :x\n" (both Ok).
-        let mut script = vec![40, 2, 0, 1];
+        let mut script = vec![40, 2, 0, 1, 0, 0, 0];
         script.extend([0, 10]);
         script.extend(b"CONNECT a\n");
         script.extend([0, 0]);

@@ -60,6 +60,10 @@ enum Pending {
     Publish {
         topic: Bytes,
     },
+    Who,
+    History {
+        topic: String,
+    },
 }
 
 /// The chat protocol's [`Session`].
@@ -170,7 +174,7 @@ impl ChatSession {
             Err(ParseError::Blank) => return Ok(None),
             Err(ParseError::Malformed) => return Err(Reject::Malformed),
         };
-        let command = Command::from_line(&parsed)?;
+        let command = Command::from_line(&parsed, self.config.history_max)?;
         if command.needs_connection() && self.phase != Phase::Connected {
             return Err(Reject::NotConnected);
         }
@@ -246,9 +250,47 @@ impl ChatSession {
                 self.framer.clear();
                 Ok(Some(Call::Close))
             }
-            // Both need the presence and history service, which this
-            // adapter does not have yet.
-            Command::Who { .. } | Command::History { .. } => Err(Reject::NotEnabled),
+            Command::Who { prefix } => {
+                if !self.config.presence_history {
+                    return Err(Reject::NotEnabled);
+                }
+                let prefix = match prefix {
+                    Some(raw) => text_value(raw, "prefix")?.into_owned(),
+                    None => String::new(),
+                };
+                self.pending = Some(Pending::Who);
+                Ok(Some(Call::Who {
+                    prefix,
+                    limit: self.config.who_max,
+                }))
+            }
+            Command::History {
+                topic: raw_topic,
+                count,
+            } => {
+                if !self.config.presence_history {
+                    return Err(Reject::NotEnabled);
+                }
+                let topic = text_value(raw_topic, "topic")?;
+                topic::validate_name(&topic)?;
+                // History shows only what EMQX already let this client
+                // subscribe to.
+                if !self
+                    .subscriptions
+                    .iter()
+                    .any(|f| topic::subscription_matches(f, &topic))
+                {
+                    return Err(Reject::NotSubscribed);
+                }
+                let topic = topic.into_owned();
+                self.pending = Some(Pending::History {
+                    topic: topic.clone(),
+                });
+                Ok(Some(Call::History {
+                    topic,
+                    limit: count,
+                }))
+            }
         }
     }
 
@@ -325,8 +367,41 @@ impl ChatSession {
                 CallResult::Ok => encode::ok_pub(&mut self.out, &unescape(&topic)),
                 other => self.call_failed(other, 403),
             },
+            Pending::Who => match result {
+                CallResult::Who { total, ids } => {
+                    encode::ok_who(&mut self.out, total, ids.iter().map(String::as_str));
+                }
+                other => self.store_failed(other),
+            },
+            Pending::History { topic } => match result {
+                CallResult::History(messages) => {
+                    for m in &messages {
+                        encode::hist(
+                            &mut self.out,
+                            m.topic.as_bytes(),
+                            m.from.as_bytes(),
+                            m.timestamp_ms,
+                            &m.payload,
+                        );
+                    }
+                    encode::ok_history(&mut self.out, topic.as_bytes(), messages.len());
+                }
+                other => self.store_failed(other),
+            },
         }
         false
+    }
+
+    /// The `ERR` line for a `WHO` or `HISTORY` the store could not answer.
+    /// Unlike EMQX's, the driver's reasons are our own words
+    /// (`store unavailable`), so they are passed on.
+    fn store_failed(&mut self, result: CallResult) {
+        match result {
+            CallResult::Failed(reason) if !reason.is_empty() => {
+                encode::err(&mut self.out, 500, reason.as_bytes());
+            }
+            other => self.call_failed(other, 403),
+        }
     }
 
     /// The `ERR` line for a call EMQX did not carry out; `denied` is the
@@ -343,7 +418,9 @@ impl ChatSession {
             CallResult::Unreachable => (503, "emqx unreachable"),
             // Callers pass failures only; an `Ok` here would be a bug of
             // ours, and still deserves a reply line.
-            CallResult::Ok => (500, "gateway failed"),
+            CallResult::Ok | CallResult::Who { .. } | CallResult::History(_) => {
+                (500, "gateway failed")
+            }
         };
         encode::err(&mut self.out, code, reason.as_bytes());
     }
@@ -1230,6 +1307,211 @@ mod tests {
         assert_eq!(h.say("SUB a\n"), "ERR 401 :not connected\n");
     }
 
+    fn enabled() -> ProtocolConfig {
+        ProtocolConfig {
+            presence_history: true,
+            ..no_keepalive()
+        }
+    }
+
+    fn stored(topic: &str, from: &str, ts: u64, payload: &[u8]) -> Message {
+        Message {
+            timestamp_ms: ts,
+            ..message(topic, from, payload)
+        }
+    }
+
+    #[test]
+    fn who_and_history_are_501_without_the_service_after_400_and_401() {
+        let mut h = Harness::created(no_keepalive());
+        assert_eq!(
+            h.say("WHO a b\nHISTORY t 0\nWHO\nHISTORY t\n"),
+            "ERR 400 :usage: WHO [prefix]\nERR 400 :count must be 1 to 100\n\
+             ERR 401 :not connected\nERR 401 :not connected\n"
+        );
+        assert_eq!(h.say("CONNECT a\n"), "OK CONNECT a\n");
+        // Not enabled comes before the command's own checks.
+        assert_eq!(
+            h.say("WHO\nWHO \\xFF\nHISTORY t/#\nHISTORY t 101\n"),
+            "ERR 501 :not enabled\nERR 501 :not enabled\nERR 501 :not enabled\n\
+             ERR 400 :count must be 1 to 100\n"
+        );
+        assert_eq!(h.calls.len(), 1, "only the Authenticate");
+    }
+
+    #[test]
+    fn who_lists_what_the_service_answers() {
+        let mut h = Harness::connected(enabled());
+        h.answer([CallResult::Who {
+            total: 3,
+            ids: vec!["alice".into(), "b c".into(), ":x".into()],
+        }]);
+        assert_eq!(h.say("WHO\n"), "OK WHO 3 :alice b\\sc \\x3Ax\n");
+        assert_eq!(
+            h.calls,
+            vec![Call::Who {
+                prefix: String::new(),
+                limit: 100
+            }]
+        );
+        // The prefix is unescaped and checked like any text value.
+        h.answer([CallResult::Who {
+            total: 0,
+            ids: vec![],
+        }]);
+        assert_eq!(h.say("who al\\x69\n"), "OK WHO 0 :\n");
+        assert_eq!(
+            h.calls[1],
+            Call::Who {
+                prefix: "ali".into(),
+                limit: 100
+            }
+        );
+        assert_eq!(
+            h.say("WHO \\xFF\n"),
+            "ERR 400 :prefix must be utf-8 without NUL\n"
+        );
+        h.answer([CallResult::Failed("store unavailable".into())]);
+        assert_eq!(h.say("WHO\n"), "ERR 500 :store unavailable\n");
+        // The configured maximum goes to the service.
+        let mut h = Harness::connected(ProtocolConfig {
+            who_max: 7,
+            ..enabled()
+        });
+        h.answer([CallResult::Who {
+            total: 0,
+            ids: vec![],
+        }]);
+        h.say("WHO a\n");
+        assert_eq!(
+            h.calls,
+            vec![Call::Who {
+                prefix: "a".into(),
+                limit: 7
+            }]
+        );
+    }
+
+    #[test]
+    fn history_needs_a_matching_subscription() {
+        let mut h = Harness::connected(enabled());
+        assert_eq!(
+            h.say("HISTORY chat/a\n"),
+            "ERR 403 :no subscription matches the topic\n"
+        );
+        // Topic rules come first.
+        assert_eq!(
+            h.say("HISTORY chat/#\nHISTORY :\n"),
+            "ERR 400 :a topic name takes no '+' or '#'\nERR 400 :empty topic\n"
+        );
+        assert!(h.calls.is_empty());
+        // A refused SUB grants nothing.
+        h.answer([denied("Authorization deny")]);
+        assert_eq!(
+            h.say("SUB chat/+\nHISTORY chat/a\n"),
+            "ERR 403 :not authorized\nERR 403 :no subscription matches the topic\n"
+        );
+        h.answer([CallResult::Ok, CallResult::History(vec![])]);
+        assert_eq!(
+            h.say("SUB chat/+\nHISTORY chat/a\nHISTORY chat/a/b\n"),
+            "OK SUB chat/+ 0\nOK HISTORY chat/a 0\n\
+             ERR 403 :no subscription matches the topic\n"
+        );
+        // UNSUB takes the right away again; a shared subscription grants it.
+        h.answer([CallResult::Ok, CallResult::Ok, CallResult::History(vec![])]);
+        assert_eq!(
+            h.say("UNSUB chat/+\nHISTORY chat/a\nSUB $share/g/chat/#\nHISTORY chat/a/b\n"),
+            "OK UNSUB chat/+\nERR 403 :no subscription matches the topic\n\
+             OK SUB $share/g/chat/# 0\nOK HISTORY chat/a/b 0\n"
+        );
+    }
+
+    #[test]
+    fn history_replays_hist_lines_then_ok() {
+        let mut h = Harness::connected(enabled());
+        h.answer([
+            CallResult::Ok,
+            CallResult::History(vec![
+                stored("chat/a", "alice", 1_700_000_000_000, b"hello"),
+                stored("chat/a", "", 1_700_000_000_001, b"x\ny"),
+                stored("chat/a", "-", 1_700_000_000_002, b"\xff"),
+            ]),
+        ]);
+        assert_eq!(
+            h.say("SUB chat/#\nHISTORY chat/a 3\nPING\n"),
+            "OK SUB chat/# 0\n\
+             HIST chat/a alice 1700000000000 :hello\n\
+             HIST chat/a - 1700000000001 :x\\ny\n\
+             HIST chat/a \\x2D 1700000000002 :\\xFF\n\
+             OK HISTORY chat/a 3\nPONG\n"
+        );
+        assert_eq!(
+            h.calls[1],
+            Call::History {
+                topic: "chat/a".into(),
+                limit: 3
+            }
+        );
+        // The default count, capped by the configured maximum.
+        h.answer([CallResult::History(vec![])]);
+        h.say("HISTORY chat/b\n");
+        assert_eq!(
+            h.calls[2],
+            Call::History {
+                topic: "chat/b".into(),
+                limit: 20
+            }
+        );
+        h.answer([CallResult::Failed("store unavailable".into())]);
+        assert_eq!(h.say("HISTORY chat/a\n"), "ERR 500 :store unavailable\n");
+        let mut h = Harness::connected(ProtocolConfig {
+            history_max: 5,
+            ..enabled()
+        });
+        h.answer([CallResult::Ok, CallResult::History(vec![])]);
+        assert_eq!(
+            h.say("SUB #\nHISTORY t 6\nHISTORY t\n"),
+            "OK SUB # 0\nERR 400 :count must be 1 to 5\nOK HISTORY t 0\n"
+        );
+        assert_eq!(
+            h.calls[1],
+            Call::History {
+                topic: "t".into(),
+                limit: 5
+            }
+        );
+    }
+
+    #[test]
+    fn lines_after_who_or_history_wait_for_its_answer() {
+        let mut h = Harness::connected(enabled());
+        let mut out = Vec::new();
+        h.session
+            .handle(Event::Bytes(Bytes::from_static(b"WHO\nPING\n")), &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Call(Call::Who {
+                prefix: String::new(),
+                limit: 100
+            })]
+        );
+        out.clear();
+        h.session.handle(
+            Event::Reply(CallResult::Who {
+                total: 1,
+                ids: vec!["alice".into()],
+            }),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![Action::Send(Bytes::from_static(b"OK WHO 1 :alice\nPONG\n"))]
+        );
+        // An answer meant for another call is a bug of ours: still a reply.
+        h.answer([CallResult::History(vec![])]);
+        assert_eq!(h.say("SUB a\n"), "ERR 500 :gateway failed\n");
+    }
+
     /// A session of commands that touch every path, for split tests.
     const SCRIPT: &[u8] = b"  ping\r\nHELP\nNOPE x\nSUB a\n\
         CONNECT alice u p\r\nCONNECT bob\nSUB a/+ 1\nSUB \\x3Ab\n\
@@ -1294,6 +1576,12 @@ mod tests {
             1 => Just(CallResult::Unreachable),
             1 => ".{0,8}".prop_map(CallResult::Denied),
             1 => ".{0,8}".prop_map(CallResult::Failed),
+            1 => (0u64..5, proptest::collection::vec(".{0,4}", 0..3))
+                .prop_map(|(total, ids)| CallResult::Who { total, ids }),
+            1 => proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..8), 0..3)
+                .prop_map(|ps| CallResult::History(
+                    ps.iter().map(|p| message("t", "f", p)).collect()
+                )),
         ]
     }
 
@@ -1326,8 +1614,14 @@ mod tests {
             events in proptest::collection::vec(arbitrary_event(), 0..24),
             results in proptest::collection::vec(arbitrary_result(), 0..8),
             max_line in 0usize..64,
+            presence_history in any::<bool>(),
         ) {
-            let mut h = Harness::new(ProtocolConfig { max_line, max_subscriptions: 2, ..config() });
+            let mut h = Harness::new(ProtocolConfig {
+                max_line,
+                max_subscriptions: 2,
+                presence_history,
+                ..config()
+            });
             h.feed(Event::Created(ConnMeta::default()));
             h.answer(results);
             for event in events {
@@ -1338,7 +1632,7 @@ mod tests {
             for line in wire.lines() {
                 let verb = line.split(' ').next().unwrap_or_default();
                 prop_assert!(
-                    ["HELLO", "OK", "ERR", "PONG", "BYE", "MSG"].contains(&verb),
+                    ["HELLO", "OK", "ERR", "PONG", "BYE", "MSG", "HIST"].contains(&verb),
                     "unexpected line {:?}", line
                 );
             }

@@ -93,9 +93,46 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether a subscription made with `filter` receives messages published
+/// to `topic`: as [`matches`], after taking off a shared subscription's
+/// `$share/<group>/` or `$queue/` prefix, which name how messages are
+/// shared, not which topics they come from.
+pub fn subscription_matches(filter: &str, topic: &str) -> bool {
+    let real = if let Some(rest) = filter.strip_prefix("$share/") {
+        match rest.split_once('/') {
+            Some((_group, real)) => real,
+            None => return false,
+        }
+    } else if let Some(real) = filter.strip_prefix("$queue/") {
+        real
+    } else {
+        filter
+    };
+    matches(real, topic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_subscriptions_match_their_real_filter() {
+        for (filter, topic, want) in [
+            ("chat/#", "chat/a", true),
+            ("$share/g/chat/#", "chat/a", true),
+            ("$share/g/chat/+", "chat/a/b", false),
+            ("$queue/chat/a", "chat/a", true),
+            ("$share/g", "g", false),
+            ("$share/g/#", "$SYS/x", false),
+            ("other/#", "chat/a", false),
+        ] {
+            assert_eq!(
+                subscription_matches(filter, topic),
+                want,
+                "{filter} {topic}"
+            );
+        }
+    }
 
     #[test]
     fn names() {
