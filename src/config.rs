@@ -85,6 +85,15 @@ fn parse_store(s: &str) -> Result<StoreUrl, String> {
 /// Flags of `exproto-adapter serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// TOML file of settings, keyed by these flags' names
+    /// (`login_timeout = 10`); the environment and flags override it.
+    #[arg(long, env = "EXPROTO_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long, env = "EXPROTO_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
     /// Address the handler gRPC services listen on; EMQX's
     /// `gateway.exproto.handler.address` points here.
     #[arg(long, env = "EXPROTO_LISTEN", default_value = "127.0.0.1:9001")]

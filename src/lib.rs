@@ -6,6 +6,7 @@
 //! client -> EMQX.
 
 pub mod config;
+pub mod config_file;
 pub mod dev_gateway;
 pub mod emqx;
 pub mod exhook;
@@ -15,7 +16,12 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
+
+/// The encoded descriptors of every vendored .proto file, for gRPC
+/// reflection.
+pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
 /// Code generated from EMQX's `exproto.proto` (package `emqx.exproto.v1`).
 pub mod pb {

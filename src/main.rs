@@ -1,27 +1,46 @@
 //! The `exproto-adapter` command: serve the handler, run the dev gateway or
 //! the demo.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
 use exproto_adapter::config::{parse_seconds, ServeArgs};
 use exproto_adapter::dev_gateway::{DevGateway, GatewayArgs};
-use exproto_adapter::server;
+use exproto_adapter::{config_file, server, telemetry};
 
 /// An EMQX ExProto handler: lets raw TCP clients speak a line protocol to
 /// the EMQX MQTT broker.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log format: `text` for people, `json` (one object per line) for log
+    /// collectors. `RUST_LOG` filters either (`RUST_LOG=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "EXPROTO_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve EMQX's ExProto handler services (unary and streaming).
     Serve(Box<ServeArgs>),
+    /// Print the configuration `serve` would run with (the same flags,
+    /// environment and --config file), each value with its source.
+    Config(Box<ServeArgs>),
     /// Run a stand-in for EMQX's ExProto gateway, for development and tests:
     /// a TCP listener for clients, a ConnectionAdapter service, a broker.
     DevGateway(GatewayArgs),
@@ -45,6 +64,10 @@ struct DemoArgs {
     /// Seconds a client has to CONNECT before it gets `ERR 408`.
     #[arg(long, env = "EXPROTO_LOGIN_TIMEOUT", default_value = "30", value_parser = parse_seconds, value_name = "SECONDS")]
     login_timeout: std::time::Duration,
+
+    /// Serve the adapter's Prometheus metrics on this address.
+    #[arg(long, env = "EXPROTO_METRICS", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// The `host:port` an `http://host:port` URL names.
@@ -68,6 +91,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         login_timeout: args.login_timeout,
         ..ServeArgs::default()
     };
+    if let Some(addr) = args.metrics {
+        metrics_on(addr).await?;
+    }
     let adapter = server::start(&serve.to_config()).await?;
     let gateway = DevGateway::start(args.gateway.into_config()?).await?;
     let addr = gateway.client_addr();
@@ -161,19 +187,78 @@ async fn run_until_signalled(mut adapter: server::RunningAdapter) -> anyhow::Res
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The command line with a `--config` file's settings added, for `serve`
+/// and `config`; and which settings came from the file.
+fn with_config_file(
+    mut argv: Vec<std::ffi::OsString>,
+) -> anyhow::Result<(Vec<std::ffi::OsString>, std::collections::BTreeSet<String>)> {
+    let sub = argv
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy())
+        .find(|a| !a.starts_with('-'));
+    let uses_file = matches!(sub.as_deref(), Some("serve" | "config"));
+    let path = config_file::config_path(&argv[1..]).filter(|_| uses_file);
+    let Some(path) = path else {
+        return Ok((argv, Default::default()));
+    };
+    let (extra, from_file) = config_file::file_args(&path, &argv[1..])?;
+    argv.extend(extra);
+    Ok((argv, from_file))
+}
+
+async fn metrics_on(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    telemetry::install_prometheus(listener)
+}
+
+fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
-    let cli = Cli::parse();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One readable line with its causes, not a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let (argv, from_file) = with_config_file(std::env::args_os().collect())?;
+    let matches = Cli::command().get_matches_from(argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    init_logging(cli.log_format);
     match cli.command {
+        Command::Config(_) => {
+            if let Some(("config", sub)) = matches.subcommand() {
+                print!("{}", config_file::render(sub, &from_file));
+            }
+        }
         Command::Serve(args) => {
+            if let Some(addr) = args.metrics {
+                metrics_on(addr).await?;
+            }
             let adapter = server::start(&args.to_config()).await?;
             run_until_signalled(adapter).await?;
         }

@@ -94,6 +94,8 @@ pub struct RunningAdapter {
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     /// The bound on a shutdown's drain (`AdapterConfig::shutdown_grace`).
     grace: Duration,
+    /// Says NOT_SERVING once shutdown begins, so orchestrators stop routing.
+    health: tonic_health::server::HealthReporter,
     presence: Option<Presence>,
 }
 
@@ -192,6 +194,9 @@ impl RunningAdapter {
         let started = tokio::time::Instant::now();
         tracing::info!(grace = ?self.grace, "shutting down: refusing new sockets, finishing work in flight");
         self.driver.begin_shutdown();
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         if !self.driver.drain(self.grace).await {
             tracing::warn!(grace = ?self.grace, "work still in flight after the grace period; stopping anyway");
         }
@@ -306,8 +311,29 @@ fn serve_inner(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("handler TLS settings")?;
     }
+    // The standard health service (for orchestrators and grpc_health_probe)
+    // and reflection (for grpcurl) share the handler's port.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::DESCRIPTORS)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            health
+                .set_serving::<ConnectionUnaryHandlerServer<UnaryHandler>>()
+                .await;
+            health
+                .set_serving::<ConnectionHandlerServer<StreamHandler>>()
+                .await;
+        });
+    }
     let router = builder
         .max_concurrent_streams(config.max_concurrent_streams)
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(ConnectionUnaryHandlerServer::new(UnaryHandler::new(
             driver.clone(),
         )))
@@ -324,6 +350,7 @@ fn serve_inner(
         stop: Some(stop),
         task,
         grace: config.shutdown_grace,
+        health,
         presence: None,
     })
 }

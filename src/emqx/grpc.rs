@@ -11,6 +11,7 @@ use super::{ConnectionAdapter, EmqxError, Op};
 use crate::pb::connection_adapter_client::ConnectionAdapterClient;
 use crate::pb::{self, ResultCode};
 use crate::protocol::Call;
+use crate::telemetry;
 
 /// EMQX's ConnectionAdapter reached over gRPC.
 #[derive(Clone)]
@@ -104,7 +105,13 @@ impl ConnectionAdapter for GrpcAdapter {
         let mut client = self.client.clone();
         let conn = conn.to_string();
         let this = self.clone();
+        let method = op.method();
+        let sent = match &op {
+            Op::Send(b) => b.len(),
+            Op::Call(_) => 0,
+        };
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let fut = async {
                 match op {
                     Op::Send(bytes) => client.send(pb::SendBytesRequest { conn, bytes }).await,
@@ -179,7 +186,7 @@ impl ConnectionAdapter for GrpcAdapter {
                     },
                 }
             };
-            match tokio::time::timeout(this.timeout, fut).await {
+            let result = match tokio::time::timeout(this.timeout, fut).await {
                 Err(_) => {
                     let e = format!("no answer within {:?}", this.timeout);
                     this.note_reachable(false, &e);
@@ -200,7 +207,23 @@ impl ConnectionAdapter for GrpcAdapter {
                     this.note_reachable(true, "");
                     code_to_result(resp.into_inner())
                 }
+            };
+            let outcome = match &result {
+                Ok(()) => "success",
+                Err(EmqxError::Gone) => "conn_process_not_alive",
+                Err(EmqxError::Denied(_)) => "permission_deny",
+                Err(EmqxError::Rejected { code, .. }) => match ResultCode::try_from(*code) {
+                    Ok(ResultCode::RequiredParamsMissed) => "required_params_missed",
+                    Ok(ResultCode::ParamsTypeError) => "params_type_error",
+                    _ => "unknown",
+                },
+                Err(EmqxError::Unreachable(_)) => "unreachable",
+            };
+            telemetry::emqx_call(method, outcome, started.elapsed());
+            if result.is_ok() && sent > 0 {
+                telemetry::bytes_out(sent);
             }
+            result
         })
     }
 }

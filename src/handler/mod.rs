@@ -12,6 +12,7 @@ use crate::pb::connection_unary_handler_server::ConnectionUnaryHandler;
 use crate::pb::{self, EmptySuccess};
 use crate::protocol::{ConnMeta, Event, Message, TimerKind};
 use crate::session::Driver;
+use crate::telemetry;
 
 /// Serves `ConnectionUnaryHandler`: EMQX sends a conn's next event only
 /// after this one is answered, so order is EMQX's.
@@ -101,6 +102,15 @@ async fn handle(
     if conn.is_empty() {
         return Err(Status::invalid_argument("empty conn"));
     }
+    let (kind, bytes) = match &event {
+        Event::Created(_) => ("created", 0),
+        Event::Bytes(b) => ("bytes", b.len()),
+        Event::Messages(_) => ("messages", 0),
+        Event::TimerFired(_) => ("timer", 0),
+        Event::Closed(_) => ("closed", 0),
+        Event::Deadline | Event::Reply(_) => ("other", 0),
+    };
+    telemetry::event(kind, bytes);
     driver.dispatch(&conn, event, may_reorder).await;
     Ok(())
 }

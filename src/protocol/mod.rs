@@ -171,6 +171,13 @@ pub trait Session: Send {
     fn set_time(&mut self, now_ms: u64) {
         let _ = now_ms;
     }
+
+    /// How many lines or frames this session could not parse so far
+    /// (cumulative). The driver exports the count as a metric; a protocol
+    /// that does not count keeps the default.
+    fn parse_errors(&self) -> u64 {
+        0
+    }
 }
 
 /// Seed data the driver gives a new session, so the session itself needs no

@@ -37,6 +37,7 @@ use crate::protocol::{
 };
 use crate::registry::{Entry, Item, Orphan, Registry};
 use crate::store::Store;
+use crate::telemetry;
 use timers::Timers;
 
 /// How the driver treats EMQX and connections; see the CLI for each.
@@ -329,6 +330,7 @@ impl Driver {
             inner.queue.extend(held.into_iter().map(Item::Event));
         }
         self.registry.sessions.insert(conn, entry.clone());
+        telemetry::connections(1.0);
         self.start_worker(&entry);
         Ok(Some(entry))
     }
@@ -490,6 +492,8 @@ impl Driver {
             return;
         };
         let mut actions = Vec::with_capacity(8);
+        // The session's count is cumulative; each run reports what it added.
+        let mut parse_errors = session.parse_errors();
         loop {
             let item = {
                 let mut inner = entry.lock();
@@ -503,10 +507,15 @@ impl Driver {
                 }
             };
             entry.drained().notify_waiters();
-            if let Flow::End(why) = self
+            let flow = self
                 .process(&entry, &mut *session, item, &mut actions)
-                .await
-            {
+                .await;
+            let now = session.parse_errors();
+            if now > parse_errors {
+                telemetry::parse_errors(now - parse_errors);
+                parse_errors = now;
+            }
+            if let Flow::End(why) = flow {
                 self.end(&entry, why);
                 return;
             }
@@ -517,6 +526,7 @@ impl Driver {
         debug!(conn = %entry.conn, why, "session ended");
         if self.registry.remove(entry) {
             self.live.fetch_sub(1, Ordering::AcqRel);
+            telemetry::connections(-1.0);
         }
         self.timers.set(&entry.conn, None);
         {

@@ -80,6 +80,8 @@ pub(crate) struct ChatSession {
     /// The login deadline fired while a call was outstanding; it is acted
     /// on once that call's reply is written.
     deadline_due: bool,
+    /// Lines refused as malformed or too long, for the metrics.
+    parse_errors: u64,
     /// HELLO went out; a repeated `Created` must not say it twice.
     greeted: bool,
     /// Filters held, for the per-connection limit.
@@ -99,6 +101,7 @@ impl ChatSession {
             phase: Phase::LoggingIn,
             pending: None,
             deadline_due: false,
+            parse_errors: 0,
             greeted: false,
             subscriptions: HashSet::new(),
             publish_bucket: (config.max_publish_rate > 0)
@@ -125,7 +128,13 @@ impl ChatSession {
     }
 
     fn reject(&mut self, reject: Reject) {
-        encode::err_display(&mut self.out, reject.code(), &reject);
+        let code = reject.code();
+        // Malformed input (400) and overlong lines (413) are what an
+        // operator watches as parse errors; refusals are not.
+        if matches!(code, 400 | 413) {
+            self.parse_errors += 1;
+        }
+        encode::err_display(&mut self.out, code, &reject);
     }
 
     /// Ends the connection from our side: a last line, then Close.
@@ -446,6 +455,10 @@ fn keepalive_secs(keepalive: Duration) -> Option<u32> {
 impl Session for ChatSession {
     fn set_time(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+    }
+
+    fn parse_errors(&self) -> u64 {
+        self.parse_errors
     }
 
     fn handle(&mut self, event: Event, out: &mut Vec<Action>) {

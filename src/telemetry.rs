@@ -1,0 +1,134 @@
+//! Metrics the adapter exports, and the Prometheus endpoint that serves them.
+//!
+//! Recording goes through the `metrics` facade: with no endpoint installed
+//! every call is a no-op, so the hot paths pay nothing unless an operator
+//! asks for metrics (`--metrics ADDR`).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use metrics::{counter, gauge, histogram};
+
+/// Sessions the adapter holds (gauge).
+pub const CONNECTIONS: &str = "exproto_connections";
+/// Handler events received, by `kind` (created, bytes, messages, timer, closed).
+pub const EVENTS: &str = "exproto_events_total";
+/// Calls to EMQX, by `method` and `result` (EMQX's code, or `unreachable`).
+pub const EMQX_CALLS: &str = "exproto_emqx_calls_total";
+/// Time each EMQX call took, by `method`.
+pub const EMQX_CALL_SECONDS: &str = "exproto_emqx_call_duration_seconds";
+/// Bytes received from clients.
+pub const BYTES_IN: &str = "exproto_bytes_in_total";
+/// Bytes sent to clients (through EMQX's `Send`).
+pub const BYTES_OUT: &str = "exproto_bytes_out_total";
+/// Lines or frames a protocol could not parse.
+pub const PARSE_ERRORS: &str = "exproto_parse_errors_total";
+
+/// Makes a Prometheus recorder the process's metrics recorder and serves
+/// its text on `listener` (`GET /metrics`, or any path).
+///
+/// The endpoint is a few lines of HTTP/1.1 rather than a web framework: it
+/// answers one request per connection with the current snapshot.
+///
+/// # Errors
+/// When a recorder is already installed.
+pub fn install_prometheus(listener: TcpListener) -> anyhow::Result<()> {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(EMQX_CALL_SECONDS.into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ],
+        )?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
+    describe();
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                // Read the request head (bounded); its content does not matter.
+                let mut buf = [0u8; 4096];
+                let mut seen = 0;
+                while seen < buf.len() {
+                    match tokio::time::timeout(
+                        Duration::from_secs(5),
+                        socket.read(&mut buf[seen..]),
+                    )
+                    .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {
+                            seen += n;
+                            if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                                break;
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+                handle.run_upkeep();
+                let body = handle.render();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS, "Sessions the adapter holds.");
+    describe_counter!(EVENTS, "Handler events received from EMQX, by kind.");
+    describe_counter!(
+        EMQX_CALLS,
+        "Calls to EMQX's ConnectionAdapter, by method and result."
+    );
+    describe_histogram!(
+        EMQX_CALL_SECONDS,
+        Unit::Seconds,
+        "Duration of calls to EMQX, by method."
+    );
+    describe_counter!(BYTES_IN, Unit::Bytes, "Bytes received from clients.");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes sent to clients.");
+    describe_counter!(PARSE_ERRORS, "Lines or frames that could not be parsed.");
+}
+
+pub(crate) fn event(kind: &'static str, bytes: usize) {
+    counter!(EVENTS, "kind" => kind).increment(1);
+    if bytes > 0 {
+        counter!(BYTES_IN).increment(bytes as u64);
+    }
+}
+
+pub(crate) fn emqx_call(method: &'static str, result: &'static str, took: Duration) {
+    counter!(EMQX_CALLS, "method" => method, "result" => result).increment(1);
+    histogram!(EMQX_CALL_SECONDS, "method" => method).record(took.as_secs_f64());
+}
+
+pub(crate) fn bytes_out(n: usize) {
+    counter!(BYTES_OUT).increment(n as u64);
+}
+
+pub(crate) fn parse_errors(n: u64) {
+    counter!(PARSE_ERRORS).increment(n);
+}
+
+pub(crate) fn connections(delta: f64) {
+    gauge!(CONNECTIONS).increment(delta);
+}

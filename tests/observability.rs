@@ -1,0 +1,127 @@
+//! What an operator looks at: the Prometheus endpoint while clients chat,
+//! the gRPC health service, and reflection listing the handler services.
+
+mod e2e_support;
+
+use e2e_support::Stack;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+async fn get_metrics(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+async fn channel(s: &Stack) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", s.adapter.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The one test in this binary that installs the global recorder.
+#[tokio::test]
+async fn metrics_count_what_clients_do() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    exproto_adapter::telemetry::install_prometheus(listener).unwrap();
+
+    let s = Stack::unary().await;
+    let mut c = s.connected("metered").await;
+    assert_eq!(c.ask("SUB m/t").await, "OK SUB m/t 0");
+    assert_eq!(c.ask("PUB m/t :hello").await, "OK PUB m/t");
+    assert_eq!(c.line().await, "MSG m/t metered :hello");
+    assert!(c.ask("FROB").await.starts_with("ERR 400"));
+
+    let text = get_metrics(addr).await;
+    for want in [
+        "exproto_connections 1",
+        "exproto_events_total{kind=\"created\"} 1",
+        "exproto_events_total{kind=\"messages\"} 1",
+        "exproto_emqx_calls_total{method=\"Publish\",result=\"success\"} 1",
+        "exproto_emqx_calls_total{method=\"Authenticate\",result=\"success\"} 1",
+        "exproto_emqx_call_duration_seconds_bucket{method=\"Subscribe\",le=\"5\"} 1",
+        "exproto_parse_errors_total 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let sent_in = "CONNECT metered\nSUB m/t\nPUB m/t :hello\nFROB\n".len() as u64;
+    assert_eq!(counter("exproto_bytes_in_total"), sent_in);
+    assert!(counter("exproto_bytes_out_total") > 0);
+}
+
+#[tokio::test]
+async fn health_says_serving() {
+    let s = Stack::unary().await;
+    let mut health = HealthClient::new(channel(&s).await);
+    for service in [
+        "",
+        "emqx.exproto.v1.ConnectionUnaryHandler",
+        "emqx.exproto.v1.ConnectionHandler",
+    ] {
+        // The per-service statuses are set by a task at start; wait for it.
+        let mut status = 0;
+        for _ in 0..200 {
+            let r = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await;
+            if let Ok(r) = r {
+                status = r.into_inner().status;
+                if status == ServingStatus::Serving as i32 {
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_the_handler_services() {
+    let s = Stack::unary().await;
+    let mut client = ServerReflectionClient::new(channel(&s).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "emqx.exproto.v1.ConnectionUnaryHandler",
+        "emqx.exproto.v1.ConnectionHandler",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+}
