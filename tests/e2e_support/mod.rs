@@ -86,6 +86,20 @@ impl Stack {
         c
     }
 
+    /// Waits until the adapter holds exactly `n` sessions.
+    pub async fn until_sessions(&self, n: usize) {
+        let reg = self.adapter.driver().registry();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while reg.len() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "adapter holds {} sessions, not {n}",
+                reg.len()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until the adapter holds no session.
     pub async fn until_no_sessions(&self) {
         let reg = self.adapter.driver().registry();
@@ -98,6 +112,33 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+}
+
+async fn read_line(reader: &mut BufReader<OwnedReadHalf>, wait: Duration) -> String {
+    let mut line = Vec::new();
+    let n = tokio::time::timeout(wait, reader.read_until(b'\n', &mut line))
+        .await
+        .expect("timed out waiting for a line")
+        .expect("read failed");
+    assert!(n > 0, "connection closed while waiting for a line");
+    assert_eq!(line.pop(), Some(b'\n'), "line without LF: {line:?}");
+    String::from_utf8(line).expect("server wrote invalid UTF-8")
+}
+
+/// The reading half of a [`Client`].
+pub struct Reader {
+    reader: BufReader<OwnedReadHalf>,
+}
+
+impl Reader {
+    pub async fn line(&mut self) -> String {
+        read_line(&mut self.reader, WAIT).await
+    }
+
+    /// The next line, waiting up to `wait` (for what takes long by design).
+    pub async fn line_within(&mut self, wait: Duration) -> String {
+        read_line(&mut self.reader, wait).await
     }
 }
 
@@ -118,20 +159,31 @@ impl Client {
         }
     }
 
+    /// The two halves, for a test that writes from another task.
+    pub fn split(self) -> (Reader, OwnedWriteHalf) {
+        (
+            Reader {
+                reader: self.reader,
+            },
+            self.writer,
+        )
+    }
+
+    /// Puts [`split`](Self::split)'s halves back together.
+    pub fn join(reader: Reader, writer: OwnedWriteHalf) -> Client {
+        Client {
+            reader: reader.reader,
+            writer,
+        }
+    }
+
     pub async fn send(&mut self, text: impl AsRef<[u8]>) {
         self.writer.write_all(text.as_ref()).await.unwrap();
     }
 
     /// The next line without its LF; the server only ever writes UTF-8.
     pub async fn line(&mut self) -> String {
-        let mut line = Vec::new();
-        let n = tokio::time::timeout(WAIT, self.reader.read_until(b'\n', &mut line))
-            .await
-            .expect("timed out waiting for a line")
-            .expect("read failed");
-        assert!(n > 0, "connection closed while waiting for a line");
-        assert_eq!(line.pop(), Some(b'\n'), "line without LF: {line:?}");
-        String::from_utf8(line).expect("server wrote invalid UTF-8")
+        read_line(&mut self.reader, WAIT).await
     }
 
     /// The next `n` lines.
