@@ -87,7 +87,7 @@ async fn sockets_over_the_session_limit_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_flood_without_lf_gets_one_413_and_the_session_survives() {
     let s = Stack::unary().await;
-    let mut c = s.connected("flood").await;
+    let c = s.connected("flood").await;
     let chunk = vec![b'x'; 1 << 20];
     let (mut reader, mut writer) = c.split();
     let write = tokio::spawn(async move {
