@@ -4,56 +4,25 @@
 //! EXPROTO_REQUIRE_SERVICES=1 makes that a failure.
 
 mod dev_gateway_support;
+mod mqtt_support;
 
 use std::time::Duration;
 
 use dev_gateway_support::*;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
-const BROKER: &str = "127.0.0.1:1883";
+use mqtt_support::{broker_available as broker_up, BROKER};
 
 async fn broker_available() -> bool {
-    let up = matches!(
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(BROKER)
-        )
-        .await,
-        Ok(Ok(_))
-    );
-    if !up {
-        if std::env::var("EXPROTO_REQUIRE_SERVICES").as_deref() == Ok("1") {
-            panic!("no MQTT broker on {BROKER} and EXPROTO_REQUIRE_SERVICES=1");
-        }
-        // Written straight to stderr: the test harness captures eprintln!
-        // of passing tests, and a skip must be seen.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: no MQTT broker on {BROKER} (start one: mosquitto -d)"
-        );
-    }
-    up
+    broker_up("MQTT mode test").await
 }
 
-/// A prefix that keeps this run's topics and clientids apart from others
-/// on the same broker.
 fn unique() -> String {
-    format!("gwtest-{:08x}", rand::random::<u32>())
+    mqtt_support::unique("gwtest")
 }
 
-/// Polls a plain MQTT client's event loop until `pred` matches an event.
 async fn until(el: &mut EventLoop, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let ev = el.poll().await.expect("MQTT client failed");
-            if pred(&ev) {
-                return ev;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    mqtt_support::until(el, WAIT, what, pred).await
 }
 
 #[tokio::test]

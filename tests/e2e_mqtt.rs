@@ -4,6 +4,7 @@
 //! there, unless EXPROTO_REQUIRE_SERVICES=1 makes that a failure.
 
 mod e2e_support;
+mod mqtt_support;
 
 use std::time::Duration;
 
@@ -11,35 +12,14 @@ use e2e_support::{Stack, WAIT};
 use exproto_adapter::dev_gateway::HandlerMode;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
-const BROKER: &str = "127.0.0.1:1883";
+use mqtt_support::{unique, BROKER};
 
 async fn broker_available() -> bool {
-    let up = matches!(
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(BROKER)
-        )
-        .await,
-        Ok(Ok(_))
-    );
-    if !up {
-        if std::env::var("EXPROTO_REQUIRE_SERVICES").as_deref() == Ok("1") {
-            panic!("no MQTT broker on {BROKER} and EXPROTO_REQUIRE_SERVICES=1");
-        }
-        // Written straight to stderr: the test harness captures eprintln!
-        // of passing tests, and a skip must be seen.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: MQTT interop test, no broker on {BROKER} (start one: mosquitto -d)"
-        );
-    }
-    up
+    mqtt_support::broker_available("MQTT interop test").await
 }
 
-/// Topics and clientids of this run only, so runs never see each other.
-fn unique() -> String {
-    format!("e2e-{:08x}", rand::random::<u32>())
+async fn wait_for(el: &mut EventLoop, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+    mqtt_support::until(el, WAIT, what, pred).await
 }
 
 async fn mqtt_client(id: &str) -> (AsyncClient, EventLoop) {
@@ -53,24 +33,11 @@ async fn mqtt_client(id: &str) -> (AsyncClient, EventLoop) {
     (client, el)
 }
 
-async fn wait_for(el: &mut EventLoop, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let ev = el.poll().await.expect("MQTT client failed");
-            if pred(&ev) {
-                return ev;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
 async fn interop(mode: HandlerMode) {
     if !broker_available().await {
         return;
     }
-    let u = unique();
+    let u = unique("e2e");
     let s = Stack::start(
         |g| {
             g.handler_mode = mode;
