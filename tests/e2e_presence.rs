@@ -62,6 +62,37 @@ async fn quit(mut c: Client) {
     c.eof().await;
 }
 
+/// The Quick start's two `nc` sessions, line for line (bar the
+/// timestamp).
+#[tokio::test]
+async fn the_readme_netcat_sessions() {
+    let s = Stack::presence(MEMORY).await;
+    let mut alice = s.connected_as("CONNECT alice alice s3cret", "alice").await;
+    assert_eq!(alice.ask("SUB chat/lobby").await, "OK SUB chat/lobby 0");
+    assert_eq!(
+        alice.ask("PUB chat/lobby :hello everyone").await,
+        "OK PUB chat/lobby"
+    );
+    assert_eq!(alice.line().await, "MSG chat/lobby alice :hello everyone");
+    alice.ask_until("WHO", &["OK WHO 1 :alice"]).await;
+
+    let mut bob = s.connected("bob").await;
+    bob.ask_until("WHO", &["OK WHO 2 :alice bob"]).await;
+    assert_eq!(bob.ask("SUB chat/lobby").await, "OK SUB chat/lobby 0");
+    let lines = history_until(&mut bob, "chat/lobby", 1).await;
+    let (topic, from, _, payload) = hist(&lines[0]);
+    assert_eq!(
+        (topic.as_str(), from.as_str(), payload.as_str()),
+        ("chat/lobby", "alice", "hello everyone")
+    );
+    assert_eq!(
+        bob.ask("PUB chat/lobby :hi alice").await,
+        "OK PUB chat/lobby"
+    );
+    assert_eq!(bob.line().await, "MSG chat/lobby bob :hi alice");
+    assert_eq!(alice.line().await, "MSG chat/lobby bob :hi alice");
+}
+
 #[tokio::test]
 async fn who_lists_who_is_online_and_forgets_who_left() {
     let s = Stack::presence(MEMORY).await;

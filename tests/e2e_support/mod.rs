@@ -134,6 +134,14 @@ impl Stack {
         c
     }
 
+    /// A client that has sent `connect` (a whole CONNECT line) and read
+    /// `OK CONNECT clientid`.
+    pub async fn connected_as(&self, connect: &str, clientid: &str) -> Client {
+        let mut c = self.client().await;
+        assert_eq!(c.ask(connect).await, format!("OK CONNECT {clientid}"));
+        c
+    }
+
     /// Waits until the adapter holds no session.
     pub async fn until_no_sessions(&self) {
         let reg = self.adapter.driver().registry();
