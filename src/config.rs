@@ -73,7 +73,12 @@ fn parse_list_max(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
-fn parse_store(s: &str) -> Result<StoreUrl, String> {
+/// Parses a store URL (`sqlite:PATH`, `sqlite::memory:`,
+/// `postgres://...`).
+///
+/// # Errors
+/// A URL of another kind.
+pub fn parse_store(s: &str) -> Result<StoreUrl, String> {
     let ok =
         s.starts_with("sqlite:") || s.starts_with("postgres://") || s.starts_with("postgresql://");
     if !ok {

@@ -5,8 +5,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
-use exproto_adapter::config::{parse_seconds, ServeArgs};
+use exproto_adapter::config::{parse_seconds, parse_store, ServeArgs};
 use exproto_adapter::dev_gateway::{DevGateway, GatewayArgs};
+use exproto_adapter::store::StoreUrl;
 use exproto_adapter::{config_file, server, telemetry};
 
 /// An EMQX ExProto handler: lets raw TCP clients speak a line protocol to
@@ -51,11 +52,25 @@ enum Command {
 
 /// Flags of `demo`: the dev gateway's, plus the adapter's protocol settings.
 /// The adapter listens where the gateway's `--handler` points and calls the
-/// gateway's `--adapter-listen`.
+/// gateway's `--adapter-listen`; unless `--no-presence`, it also serves the
+/// ExHook server (on a free port) that the gateway reports to, so `WHO`
+/// and `HISTORY` work.
 #[derive(clap::Args)]
 struct DemoArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
+
+    /// Where presence and history are kept: `sqlite:PATH`,
+    /// `sqlite::memory:` or `postgres://user[:password]@host/db`. Default:
+    /// a SQLite file in the temporary directory for this run only,
+    /// removed at exit.
+    #[arg(long, env = "EXPROTO_STORE", hide_env_values = true, value_parser = parse_store, value_name = "URL")]
+    store: Option<StoreUrl>,
+
+    /// Run without presence and history: no ExHook server, and `WHO` and
+    /// `HISTORY` answer `ERR 501`.
+    #[arg(long, conflicts_with = "store")]
+    no_presence: bool,
 
     /// EMQX keepalive started after CONNECT, in seconds; 0 disables it.
     #[arg(long, env = "EXPROTO_KEEPALIVE", default_value = "60", value_parser = parse_seconds, value_name = "SECONDS")]
@@ -80,32 +95,106 @@ fn url_addr(url: &str) -> anyhow::Result<std::net::SocketAddr> {
         .with_context(|| format!("--handler {url:?}: expected http://IP:PORT"))
 }
 
+/// The demo's default store: a SQLite file of its own per run, so that a
+/// new demo never lists clients of an old one as online.
+struct RunStore {
+    path: std::path::PathBuf,
+}
+
+impl RunStore {
+    fn new() -> Self {
+        let name = format!("exproto-adapter-demo-{}.db", std::process::id());
+        Self {
+            path: std::env::temp_dir().join(name),
+        }
+    }
+
+    fn url(&self) -> StoreUrl {
+        StoreUrl::new(format!("sqlite:{}", self.path.display()))
+    }
+}
+
+impl Drop for RunStore {
+    /// Removes the database and SQLite's WAL files beside it, on every way
+    /// out of the demo but a second signal's immediate exit.
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = ?path, error = %e, "cannot remove the demo database")
+                }
+            }
+        }
+    }
+}
+
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if args.login_timeout.is_zero() {
         anyhow::bail!("--login-timeout must be more than zero seconds");
     }
+    if !args.no_presence && args.gateway.exhook.is_some() {
+        anyhow::bail!(
+            "the demo points the gateway at its own hook server; \
+             --exhook goes with --no-presence, or with `dev-gateway`"
+        );
+    }
+    let run_store = (!args.no_presence && args.store.is_none()).then(RunStore::new);
+    let store = match (&args.store, &run_store) {
+        (Some(url), _) => url.clone(),
+        (None, Some(run)) => run.url(),
+        (None, None) => ServeArgs::default().store,
+    };
     let serve = ServeArgs {
         listen: url_addr(&args.gateway.handler)?,
         emqx: format!("http://{}", args.gateway.adapter_listen),
         keepalive: args.keepalive,
         login_timeout: args.login_timeout,
+        // Port 0: the gateway is told the port, nothing else needs it, and
+        // a `serve --exhook-listen` elsewhere keeps its own.
+        exhook_listen: (!args.no_presence).then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        store,
         ..ServeArgs::default()
     };
     if let Some(addr) = args.metrics {
         metrics_on(addr).await?;
     }
     let adapter = server::start(&serve.to_config()).await?;
-    let gateway = DevGateway::start(args.gateway.into_config()?).await?;
+    let mut gateway_config = args.gateway.into_config()?;
+    if let Some(hooks) = adapter.hooks().and_then(|h| h.addr()) {
+        gateway_config.exhook = Some(format!("http://{hooks}"));
+        match &run_store {
+            Some(_) => tracing::info!(
+                store = %serve.store,
+                "presence and history in a SQLite file for this run only (removed at exit; --store keeps them elsewhere)"
+            ),
+            None => {
+                tracing::info!(store = %serve.store, "presence and history kept in the given store")
+            }
+        }
+    }
+    let gateway = match DevGateway::start(gateway_config).await {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = adapter.shutdown().await;
+            return Err(e);
+        }
+    };
     let addr = gateway.client_addr();
     tracing::info!(
-        "demo ready: connect with `nc {} {}` (clients), handler on {}, ConnectionAdapter on {}",
+        "demo ready: connect with `nc {} {}` (clients), handler on {}, ConnectionAdapter on {}, WHO and HISTORY {}",
         addr.ip(),
         addr.port(),
         adapter.addr(),
-        gateway.adapter_addr()
+        gateway.adapter_addr(),
+        if args.no_presence { "off" } else { "on" }
     );
     let result = run_until_signalled(adapter).await;
     gateway.shutdown().await;
+    drop(run_store);
     result
 }
 

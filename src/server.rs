@@ -106,13 +106,18 @@ struct Presence {
 }
 
 impl Presence {
-    async fn start(config: &PresenceConfig) -> anyhow::Result<Self> {
+    /// Opens the store and serves the hook server on `listener`, or on
+    /// `config.exhook_listen` when the caller bound none.
+    async fn start(config: &PresenceConfig, listener: Option<TcpListener>) -> anyhow::Result<Self> {
         let store = store::open(config.store.expose())
             .await
             .with_context(|| format!("cannot open the store {}", config.store))?;
-        let listener = TcpListener::bind(config.exhook_listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.exhook_listen))?;
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.exhook_listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.exhook_listen))?,
+        };
         let mut hooks = Hooks::start(store.clone(), &config.hooks);
         hooks.serve(listener)?;
         tracing::info!(
@@ -227,18 +232,40 @@ impl RunningAdapter {
 /// # Errors
 /// Unknown protocol, bad EMQX URL, or the address cannot be bound.
 pub async fn start(config: &AdapterConfig) -> anyhow::Result<RunningAdapter> {
-    // WHO and HISTORY are enabled exactly when the service runs.
+    start_with(config, builtin_protocol(config)?).await
+}
+
+/// Starts the adapter with a built-in protocol on listeners the caller has
+/// bound: the handler's, and the hook server's when presence is enabled
+/// (`None` binds `exhook_listen`). Binding first, on port 0, gives the
+/// addresses to a peer that must know them before the adapter runs, e.g.
+/// a gateway that calls both.
+///
+/// # Errors
+/// As [`start`]; also a hook listener given without presence settings.
+pub async fn start_on(
+    config: &AdapterConfig,
+    listener: TcpListener,
+    exhook: Option<TcpListener>,
+) -> anyhow::Result<RunningAdapter> {
+    if exhook.is_some() && config.presence.is_none() {
+        anyhow::bail!("an ExHook listener needs the presence settings (AdapterConfig::presence)");
+    }
+    start_inner(config, builtin_protocol(config)?, listener, exhook).await
+}
+
+/// The built-in protocol `config` names, with WHO and HISTORY enabled
+/// exactly when the presence service runs.
+fn builtin_protocol(config: &AdapterConfig) -> anyhow::Result<Arc<dyn Protocol>> {
     let mut protocol_config = config.protocol.clone();
     protocol_config.presence_history = config.presence.is_some();
-    let protocol =
-        protocol::by_name(&config.protocol_name, &protocol_config).with_context(|| {
-            format!(
-                "unknown protocol {:?} (known: {})",
-                config.protocol_name,
-                protocol::NAMES.join(", ")
-            )
-        })?;
-    start_with(config, protocol).await
+    protocol::by_name(&config.protocol_name, &protocol_config).with_context(|| {
+        format!(
+            "unknown protocol {:?} (known: {})",
+            config.protocol_name,
+            protocol::NAMES.join(", ")
+        )
+    })
 }
 
 /// Binds and starts the adapter with any [`Protocol`], e.g. one defined
@@ -251,15 +278,24 @@ pub async fn start_with(
     config: &AdapterConfig,
     protocol: Arc<dyn Protocol>,
 ) -> anyhow::Result<RunningAdapter> {
-    let emqx_tls = crate::tls::emqx_config(&config.emqx, &config.emqx_tls)?;
-    let emqx = GrpcAdapter::with_tls(&config.emqx, config.call_timeout, emqx_tls)
-        .with_context(|| format!("invalid EMQX URL or TLS settings {:?}", config.emqx))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    start_inner(config, protocol, listener, None).await
+}
+
+async fn start_inner(
+    config: &AdapterConfig,
+    protocol: Arc<dyn Protocol>,
+    listener: TcpListener,
+    exhook: Option<TcpListener>,
+) -> anyhow::Result<RunningAdapter> {
+    let emqx_tls = crate::tls::emqx_config(&config.emqx, &config.emqx_tls)?;
+    let emqx = GrpcAdapter::with_tls(&config.emqx, config.call_timeout, emqx_tls)
+        .with_context(|| format!("invalid EMQX URL or TLS settings {:?}", config.emqx))?;
     let (presence, reader) = match &config.presence {
         Some(c) => {
-            let p = Presence::start(c).await?;
+            let p = Presence::start(c, exhook).await?;
             let reader = StoreReader {
                 store: p.store.clone(),
                 timeout: c.read_timeout,

@@ -204,15 +204,20 @@ impl ConnectionAdapter for AdapterService {
         if !topic::valid_name(&req.topic) {
             return ok(codes::invalid_topic());
         }
+        // EMQX publishes it from `exproto`, through the message.publish
+        // hook like any other message.
+        let msg = make_message(
+            &self.shared.cfg.node,
+            "exproto",
+            &req.topic,
+            req.qos,
+            req.payload.clone(),
+        );
+        if let Some(hooks) = &self.shared.exhook {
+            hooks.message_publish(&msg);
+        }
         match &self.shared.router {
             Router::Memory(router) => {
-                let msg = make_message(
-                    &self.shared.cfg.node,
-                    "exproto",
-                    &req.topic,
-                    req.qos,
-                    req.payload,
-                );
                 router.publish(&msg);
             }
             Router::Mqtt(router) => {

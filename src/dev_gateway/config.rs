@@ -54,8 +54,13 @@ pub struct GatewayConfig {
     /// `mqtt://[user[:password]@]host[:port]`: route pub/sub through this
     /// broker instead of the in-memory router.
     pub mqtt: Option<String>,
-    /// The node name put in every delivered `Message`.
+    /// The node name put in every delivered `Message` and every hook
+    /// call.
     pub node: String,
+    /// A `HookProvider` to report to, as EMQX's `exhook.servers[].url`
+    /// (plain `http://`): client connects and disconnects, and published
+    /// messages. `None` reports nothing.
+    pub exhook: Option<String>,
     /// Client sockets beyond this many are closed at once.
     pub max_connections: usize,
     /// Per connection: handler events waiting for their call, and adapter
@@ -80,6 +85,7 @@ impl Default for GatewayConfig {
             deny: Vec::new(),
             mqtt: None,
             node: "emqx@127.0.0.1".to_owned(),
+            exhook: None,
             max_connections: 100_000,
             queue_limit: 1_000,
         }
@@ -116,6 +122,15 @@ impl GatewayConfig {
             .with_context(|| format!("bad handler URL {:?}", self.handler))?;
         if let Some(url) = &self.mqtt {
             MqttUrl::parse(url)?;
+        }
+        if let Some(url) = &self.exhook {
+            if !url.starts_with("http://") {
+                anyhow::bail!(
+                    "exhook URL {url:?}: the dev gateway calls hook servers over plain http://"
+                );
+            }
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .with_context(|| format!("bad exhook URL {url:?}"))?;
         }
         Ok(())
     }
@@ -206,9 +221,17 @@ pub struct GatewayArgs {
     )]
     pub mqtt: Option<String>,
 
-    /// Node name reported in every delivered message.
+    /// Node name reported in every delivered message and hook call.
     #[arg(long, env = "EXPROTO_GATEWAY_NODE", default_value = "emqx@127.0.0.1")]
     pub node: String,
+
+    /// Report to this ExHook server (`HookProvider`, emqx.exhook.v3) as
+    /// EMQX does for `exhook.servers[].url`: client connects and
+    /// disconnects, and every message published through the gateway, for
+    /// presence and history. E.g. the adapter's --exhook-listen,
+    /// `http://127.0.0.1:9000`.
+    #[arg(long, env = "EXPROTO_GATEWAY_EXHOOK", value_name = "URL")]
+    pub exhook: Option<String>,
 }
 
 impl GatewayArgs {
@@ -232,6 +255,7 @@ impl GatewayArgs {
             deny: self.deny,
             mqtt: self.mqtt,
             node: self.node,
+            exhook: self.exhook,
             ..GatewayConfig::default()
         };
         cfg.validate()?;
@@ -342,8 +366,11 @@ mod tests {
             "subscribe:b",
             "--mqtt",
             "mqtt://127.0.0.1:1883",
+            "--exhook",
+            "http://127.0.0.1:9000",
         ]);
         let cfg = cli.gw.into_config().unwrap();
+        assert_eq!(cfg.exhook.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(cfg.handler_mode, HandlerMode::Stream);
         assert!(cfg.created_late);
         assert_eq!(cfg.idle_timeout, Duration::from_secs(3));
@@ -355,6 +382,16 @@ mod tests {
     fn created_late_needs_stream_mode() {
         let cli = Cli::parse_from(["x", "--created-late"]);
         assert!(cli.gw.into_config().is_err());
+    }
+
+    #[test]
+    fn exhook_urls_are_plain_http() {
+        let cli = Cli::parse_from(["x", "--exhook", "https://127.0.0.1:9000"]);
+        assert!(cli.gw.into_config().is_err());
+        let cli = Cli::parse_from(["x", "--exhook", "127.0.0.1:9000"]);
+        assert!(cli.gw.into_config().is_err());
+        let cfg = Cli::parse_from(["x"]).gw.into_config().unwrap();
+        assert!(cfg.exhook.is_none(), "off by default");
     }
 
     #[test]
@@ -376,6 +413,7 @@ mod tests {
             "users",
             "deny",
             "mqtt",
+            "exhook",
         ] {
             assert!(help.contains(&format!("--{flag}")), "--{flag}");
             let env = format!("EXPROTO_GATEWAY_{}", flag.replace('-', "_").to_uppercase());

@@ -14,6 +14,11 @@
 //!   call): the socket closes and the process exits at once; queued events
 //!   are dropped, and `OnSocketClosed` is sent only if no handler call is in
 //!   flight (EMQX loses it otherwise).
+//!
+//! With an ExHook client, an authenticated connection reports
+//! `client.connected`, and `client.disconnected` when its socket closes
+//! (not when it is stopped, as in EMQX); each Publish reports
+//! `message.publish`.
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
@@ -32,12 +37,14 @@ use tracing::Instrument as _;
 
 use super::auth::Secret;
 use super::codes;
+use super::exhook;
 use super::handler::{ConnStreams, HandlerError, HandlerEvent, StreamFailure};
 use super::mqtt::{MqttSession, SubscribeError};
 use super::registry::ConnHandle;
 use super::router::{make_message, DeliverTx, Router};
 use super::topic;
 use super::{HandlerMode, Shared};
+use crate::exhook::pb::v3 as hpb;
 use crate::pb;
 
 /// Bytes read from the socket at a time; each read is one OnReceivedBytes.
@@ -144,6 +151,12 @@ struct Conn {
     subs: HashSet<String>,
     mqtt: Option<MqttSession>,
     exit: bool,
+    /// The client's address and the listener's, for hook `ClientInfo`.
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    /// Set while the connection is reported as connected to the hook
+    /// server; taken when its disconnect is reported.
+    hook_info: Option<hpb::ClientInfo>,
 }
 
 /// Runs one accepted client socket until its process exits.
@@ -209,6 +222,9 @@ pub(crate) async fn run(
         subs: HashSet::new(),
         mqtt: None,
         exit: false,
+        peer,
+        local,
+        hook_info: None,
     };
     if conn.shared.cfg.created_late && conn.streams.is_some() {
         conn.created_hold = Some((created, now + CREATED_LATE_MAX));
@@ -422,6 +438,9 @@ impl Conn {
             return;
         }
         tracing::info!(%reason, "socket closed");
+        if let (Some(hooks), Some(info)) = (&self.shared.exhook, self.hook_info.take()) {
+            hooks.disconnected(info, &reason);
+        }
         self.drop_socket();
         self.keepalive = None;
         self.idle_deadline = None;
@@ -659,6 +678,18 @@ impl Conn {
             }
         }
         tracing::info!(%clientid, username = %info.username, proto = %info.proto_name, "authenticated");
+        if let Some(hooks) = &self.shared.exhook {
+            let hook_info = exhook::client_info(
+                &self.shared.cfg.node,
+                &clientid,
+                &info.username,
+                &info.proto_name,
+                self.peer,
+                self.local,
+            );
+            hooks.connected(&hook_info);
+            self.hook_info = Some(hook_info);
+        }
         self.phase = Phase::Connected { clientid };
         codes::success()
     }
@@ -697,12 +728,27 @@ impl Conn {
             return codes::invalid_topic();
         }
         tracing::debug!(topic = topic_name, qos, bytes = payload.len(), "publish");
+        // EMQX runs message.publish before it routes the message.
+        let report = |msg: &pb::Message| {
+            if let Some(hooks) = &self.shared.exhook {
+                hooks.message_publish(msg);
+            }
+        };
         match (&self.shared.router, &self.mqtt) {
             (Router::Memory(router), _) => {
                 let msg = make_message(&self.shared.cfg.node, clientid, topic_name, qos, payload);
+                report(&msg);
                 router.publish(&msg);
             }
             (Router::Mqtt(_), Some(session)) => {
+                // The broker gives the delivered copies their own ids.
+                report(&make_message(
+                    &self.shared.cfg.node,
+                    clientid,
+                    topic_name,
+                    qos,
+                    payload.clone(),
+                ));
                 if let Err(e) = session.publish(clientid, topic_name, qos, payload).await {
                     tracing::warn!(error = %e, "MQTT publish failed");
                     return codes::unknown_crash();

@@ -1,6 +1,7 @@
 //! Fault controls for tests: make chosen ConnectionAdapter calls fail or
 //! lag, make handler calls fail, stop and restart the ConnectionAdapter
-//! service while client sockets stay open, kick a connection.
+//! service while client sockets stay open, kick a connection, report a
+//! message to the hook server twice.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -45,6 +46,8 @@ pub(crate) struct FaultState {
     adapter: Mutex<HashMap<Method, VecDeque<(Fault, usize)>>>,
     handler_conns: Mutex<HashSet<String>>,
     handler_next: AtomicUsize,
+    /// `message.publish` hook calls still to be made twice.
+    hook_repeat: AtomicUsize,
 }
 
 impl FaultState {
@@ -81,6 +84,15 @@ impl FaultState {
                 .contains(conn)
     }
 
+    /// Whether this `message.publish` hook call must go out twice.
+    pub fn take_hook_repeat(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
+            && self
+                .hook_repeat
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    }
+
     /// Drops per-connection faults of an ended connection.
     pub fn forget(&self, conn: &str) {
         if self.armed.load(Ordering::Relaxed) {
@@ -114,6 +126,7 @@ impl FaultState {
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         self.handler_next.store(0, Ordering::Relaxed);
+        self.hook_repeat.store(0, Ordering::Relaxed);
     }
 }
 
@@ -171,6 +184,17 @@ impl Faults {
         let state = &self.shared.faults;
         state.armed.store(true, Ordering::Relaxed);
         state.handler_next.fetch_add(times, Ordering::Relaxed);
+    }
+
+    /// The next `times` messages published through the gateway are
+    /// reported to the hook server twice, with the same message id: what a
+    /// store shared by several hook servers sees when each hears of the
+    /// same message (e.g. two adapters, both listed in every EMQX node's
+    /// `exhook.servers`, writing to one PostgreSQL).
+    pub fn repeat_publish_hooks(&self, times: usize) {
+        let state = &self.shared.faults;
+        state.armed.store(true, Ordering::Relaxed);
+        state.hook_repeat.fetch_add(times, Ordering::Relaxed);
     }
 
     /// Removes every pending fault.

@@ -5,7 +5,9 @@
 //! process, calls the adapter's handler service for every socket event
 //! (unary or streaming, in EMQX's order and with its flow control), serves
 //! the ConnectionAdapter gRPC service with EMQX's result codes, and routes
-//! pub/sub in memory or through a real MQTT broker.
+//! pub/sub in memory or through a real MQTT broker. With an ExHook URL it
+//! also reports its clients and messages to a `HookProvider`, as EMQX's
+//! `exhook.servers` do, for presence and history.
 //!
 //! ```text
 //! TCP client ──bytes──▶ conn process ──OnReceivedBytes...──▶ adapter (handler)
@@ -19,14 +21,15 @@
 //! process), `handler` (client of the adapter's handler service), `adapter`
 //! (the ConnectionAdapter service), `registry` (conn ids, live connections,
 //! clientids), `router` and `mqtt` (pub/sub), `auth` (users file, deny
-//! rules), `topic` (MQTT topic rules), `codes` (EMQX's answers), `faults`
-//! (fault injection for tests).
+//! rules), `topic` (MQTT topic rules), `codes` (EMQX's answers), `exhook`
+//! (the ExHook client), `faults` (fault injection for tests).
 
 mod adapter;
 mod auth;
 mod codes;
 mod config;
 mod conn;
+mod exhook;
 mod faults;
 mod handler;
 mod mqtt;
@@ -46,11 +49,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::auth::{AuthConfigError, DenyAction, DenyRule, Secret, Users};
 pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode};
+pub use self::exhook::ExhookStats;
 pub use self::faults::{Fault, Faults, Method};
 pub use crate::pb::ResultCode;
 
 use self::adapter::AdapterServer;
 use self::auth::Access;
+use self::exhook::HookClient;
 use self::faults::FaultState;
 use self::handler::HandlerClient;
 use self::mqtt::MqttRouter;
@@ -71,6 +76,8 @@ pub(crate) struct Shared {
     pub router: Router,
     pub handler: HandlerClient,
     pub faults: Arc<FaultState>,
+    /// The ExHook client, when `cfg.exhook` names a hook server.
+    pub exhook: Option<HookClient>,
     /// Cancelled when the gateway stops; everything watches it.
     pub shutdown: CancellationToken,
 }
@@ -113,6 +120,16 @@ impl DevGateway {
         };
         let faults = Arc::new(FaultState::default());
         let handler = HandlerClient::new(&cfg.handler, cfg.handler_timeout, faults.clone())?;
+        let shutdown = CancellationToken::new();
+        let exhook = match &cfg.exhook {
+            Some(url) => Some(HookClient::start(
+                url,
+                &cfg.node,
+                faults.clone(),
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             access: Access {
                 users: cfg.users.clone(),
@@ -123,7 +140,8 @@ impl DevGateway {
             router,
             handler,
             faults,
-            shutdown: CancellationToken::new(),
+            exhook,
+            shutdown,
         });
         let adapter = AdapterServer::start_new(shared.clone(), shared.cfg.adapter_listen)
             .await
@@ -139,6 +157,7 @@ impl DevGateway {
             handler = %shared.cfg.handler,
             mode = ?shared.cfg.handler_mode,
             mqtt = shared.cfg.mqtt.is_some(),
+            exhook = shared.cfg.exhook.as_deref().unwrap_or("off"),
             "dev gateway started"
         );
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -168,6 +187,11 @@ impl DevGateway {
         }
     }
 
+    /// What the ExHook client has done; `None` without `exhook`.
+    pub fn exhook_stats(&self) -> Option<ExhookStats> {
+        self.shared.exhook.as_ref().map(HookClient::stats)
+    }
+
     /// Live connection processes (including those draining after their
     /// socket closed).
     pub fn connection_count(&self) -> usize {
@@ -175,8 +199,9 @@ impl DevGateway {
     }
 
     /// Stops accepting, closes every client socket (without handler calls),
-    /// stops the ConnectionAdapter service and waits for all of it, at most
-    /// a few seconds.
+    /// stops the ConnectionAdapter service and the ExHook client (which
+    /// says `OnProviderUnloaded`), and waits for all of it, at most a few
+    /// seconds.
     pub async fn shutdown(mut self) {
         self.shared.shutdown.cancel();
         if let Some(task) = self.accept_task.take() {
@@ -185,6 +210,9 @@ impl DevGateway {
             }
         }
         self.adapter.stop().await;
+        if let Some(exhook) = &self.shared.exhook {
+            exhook.stopped().await;
+        }
         tracing::info!("dev gateway stopped");
     }
 }

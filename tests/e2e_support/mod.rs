@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig, HandlerMode};
 use exproto_adapter::emqx::GrpcAdapter;
+use exproto_adapter::exhook::HookConfig;
 use exproto_adapter::protocol;
-use exproto_adapter::server::{self, AdapterConfig, RunningAdapter};
+use exproto_adapter::server::{self, AdapterConfig, PresenceConfig, RunningAdapter};
+use exproto_adapter::store::StoreUrl;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -65,6 +67,52 @@ impl Stack {
         }
     }
 
+    /// Both halves with presence and history: the adapter serves the hook
+    /// server over the store at `store`, and the gateway reports to it as
+    /// EMQX would. Returns once the gateway has loaded the hook provider.
+    pub async fn presence(store: &str) -> Stack {
+        // Both adapter ports are bound first: the gateway must know them
+        // before it starts, and the adapter must know the gateway's
+        // ConnectionAdapter port before it starts. The gateway's first
+        // OnProviderLoaded waits in the hook listener's backlog meanwhile.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook_addr = hook_listener.local_addr().unwrap();
+        let mut gcfg =
+            GatewayConfig::for_tests(format!("http://{}", listener.local_addr().unwrap()));
+        gcfg.exhook = Some(format!("http://{hook_addr}"));
+        let gw = DevGateway::start(gcfg).await.unwrap();
+        let acfg = AdapterConfig {
+            listen: listener.local_addr().unwrap(),
+            emqx: format!("http://{}", gw.adapter_addr()),
+            call_timeout: Duration::from_secs(2),
+            presence: Some(PresenceConfig {
+                exhook_listen: hook_addr,
+                store: StoreUrl::new(store),
+                hooks: HookConfig::default(),
+                read_timeout: Duration::from_secs(2),
+            }),
+            ..AdapterConfig::default()
+        };
+        let running = server::start_on(&acfg, listener, Some(hook_listener))
+            .await
+            .unwrap();
+        let s = Stack {
+            gateway: gw,
+            adapter: running,
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !s.gateway.exhook_stats().is_some_and(|st| st.loaded) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway did not load the hook provider: {:?}",
+                s.gateway.exhook_stats()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.gateway.client_addr()
     }
@@ -98,6 +146,14 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// A client that has sent `connect` (a whole CONNECT line) and read
+    /// `OK CONNECT clientid`.
+    pub async fn connected_as(&self, connect: &str, clientid: &str) -> Client {
+        let mut c = self.client().await;
+        assert_eq!(c.ask(connect).await, format!("OK CONNECT {clientid}"));
+        c
     }
 
     /// Waits until the adapter holds no session.
@@ -193,6 +249,39 @@ impl Client {
             v.push(self.line().await);
         }
         v
+    }
+
+    /// Sends `cmd` until its reply lines (up to and including the first
+    /// `OK`/`ERR` line) equal `want`, within [`WAIT`]. For `WHO` and
+    /// `HISTORY`, whose data the hook server writes after the fact.
+    pub async fn ask_until(&mut self, cmd: &str, want: &[&str]) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.reply(cmd).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{cmd}: still {got:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends one command and returns every line of its reply: any `HIST`
+    /// lines and the final `OK`/`ERR` line.
+    pub async fn reply(&mut self, cmd: &str) -> Vec<String> {
+        self.send(format!("{cmd}\n")).await;
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await;
+            let done = !line.starts_with("HIST ");
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
     }
 
     /// Sends one command line and returns its reply line.
