@@ -5,6 +5,7 @@
 //! [`registry`] -> a [`protocol::Session`] (sans-IO) -> actions -> [`emqx`]
 //! client -> EMQX.
 
+pub mod bench;
 pub mod config;
 pub mod dev_gateway;
 pub mod emqx;

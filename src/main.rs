@@ -28,6 +28,12 @@ enum Command {
     /// Run the dev gateway and the adapter in one process, ready for
     /// `nc 127.0.0.1 7993`.
     Demo(DemoArgs),
+    /// Measure a handler through the dev gateway: messages/s, latency,
+    /// CPU and memory (see BENCHMARKS.md).
+    Bench(exproto_adapter::bench::BenchArgs),
+    /// A reference handler (echo or no-op) that `bench` measures against.
+    #[command(hide = true)]
+    BenchHandler(exproto_adapter::bench::HandlerArgs),
 }
 
 /// Flags of `demo`: the dev gateway's, plus the adapter's protocol settings.
@@ -107,14 +113,20 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal;
+    let cli = Cli::parse();
+    // A benchmark's output is its report; per-connection info logs from the
+    // gateway would drown it.
+    let default_level = match cli.command {
+        Command::Bench(_) | Command::BenchHandler(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
             let mut adapter = server::start(&args.to_config()).await?;
@@ -131,6 +143,8 @@ async fn main() -> anyhow::Result<()> {
             gateway.shutdown().await;
         }
         Command::Demo(args) => demo(args).await?,
+        Command::Bench(args) => exproto_adapter::bench::main(args).await?,
+        Command::BenchHandler(args) => exproto_adapter::bench::reference::serve(args).await?,
     }
     Ok(())
 }
