@@ -9,6 +9,7 @@
 
 mod timers;
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -311,6 +312,9 @@ impl Driver {
                     None => {
                         inner.session = Some(session);
                         inner.running = false;
+                        // An idle connection keeps no mailbox buffer: with
+                        // 100k connections its few hundred bytes each add up.
+                        inner.queue = VecDeque::new();
                         return;
                     }
                 }
