@@ -10,9 +10,11 @@
 mod timers;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -37,6 +39,11 @@ pub struct DriverConfig {
     /// Events a connection's mailbox holds before handler calls wait for it
     /// to drain, which pushes back on EMQX instead of growing without bound.
     pub max_queued_events: usize,
+    /// Events queued or being handled across all connections before
+    /// handler calls wait: the adapter answers before it works, so without
+    /// this bound a burst of connections (100k logging in at once) piles up
+    /// work, and memory, faster than EMQX answers the calls it makes.
+    pub max_pending_events: usize,
     /// A session silent this long is probed with an empty `Send`, so
     /// sessions whose `OnSocketClosed` was lost are reclaimed.
     pub idle_probe: Duration,
@@ -49,6 +56,7 @@ impl Default for DriverConfig {
             created_wait: Duration::from_secs(2),
             max_held_bytes: 65_536,
             max_queued_events: 64,
+            max_pending_events: 1024,
             idle_probe: Duration::from_secs(120),
         }
     }
@@ -61,6 +69,12 @@ pub struct Driver {
     emqx: Arc<dyn ConnectionAdapter>,
     timers: Timers,
     config: DriverConfig,
+    /// Events queued or in progress, all connections together.
+    pending: AtomicUsize,
+    /// Handler calls waiting for `pending` to drop to the bound.
+    waiting: AtomicUsize,
+    /// Wakes them.
+    room: Notify,
 }
 
 /// Whether a session goes on after an item.
@@ -89,6 +103,9 @@ impl Driver {
                 emqx,
                 timers,
                 config,
+                pending: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
+                room: Notify::new(),
             }
         });
         let weak = Arc::downgrade(&driver);
@@ -179,6 +196,7 @@ impl Driver {
             let mut inner = entry.lock();
             inner.queue.push_back(Item::Event(created));
             inner.queue.extend(held.into_iter().map(Item::Event));
+            self.pending.fetch_add(inner.queue.len(), Ordering::SeqCst);
         }
         self.registry.sessions.insert(conn, entry.clone());
         self.start_worker(&entry);
@@ -263,6 +281,7 @@ impl Driver {
                 return;
             }
             inner.queue.push_back(item);
+            self.pending.fetch_add(1, Ordering::SeqCst);
             !std::mem::replace(&mut inner.running, true)
         };
         if start {
@@ -291,10 +310,41 @@ impl Driver {
             {
                 let inner = entry.lock();
                 if inner.ended || inner.queue.len() <= self.config.max_queued_events {
-                    return;
+                    break;
                 }
             }
             notified.await;
+        }
+        let limit = self.config.max_pending_events;
+        if self.pending.load(Ordering::SeqCst) <= limit {
+            return;
+        }
+        // Counted while waiting, so workers only notify when someone waits;
+        // the guard uncounts a call that EMQX gives up on.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _counted = scopeguard(&self.waiting);
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending.load(Ordering::SeqCst) <= limit {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// `n` events are done (handled or dropped).
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = self
+            .pending
+            .fetch_sub(n, Ordering::SeqCst)
+            .saturating_sub(n);
+        if now <= self.config.max_pending_events && self.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
         }
     }
 
@@ -320,10 +370,11 @@ impl Driver {
                 }
             };
             entry.drained().notify_waiters();
-            if let Flow::End(why) = self
+            let flow = self
                 .process(&entry, &mut *session, item, &mut actions)
-                .await
-            {
+                .await;
+            self.release(1);
+            if let Flow::End(why) = flow {
                 self.end(&entry, why);
                 return;
             }
@@ -334,12 +385,15 @@ impl Driver {
         debug!(conn = %entry.conn, why, "session ended");
         self.registry.remove(entry);
         self.timers.set(&entry.conn, None);
-        {
+        let dropped = {
             let mut inner = entry.lock();
             inner.ended = true;
-            inner.queue.clear();
+            let dropped = inner.queue.len();
+            inner.queue = VecDeque::new();
             inner.running = false;
-        }
+            dropped
+        };
+        self.release(dropped);
         entry.drained().notify_waiters();
     }
 
@@ -437,6 +491,18 @@ impl Driver {
             }
         }
     }
+}
+
+/// Decrements a waiting count when dropped, also when the waiting future is
+/// cancelled.
+fn scopeguard(count: &AtomicUsize) -> impl Drop + '_ {
+    struct Guard<'a>(&'a AtomicUsize);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    Guard(count)
 }
 
 #[cfg(test)]

@@ -429,3 +429,34 @@ async fn a_full_mailbox_makes_the_handler_wait() {
         assert_eq!(f.next_call().await.1, send("x"));
     }
 }
+
+#[tokio::test]
+async fn too_much_pending_work_makes_every_handler_wait() {
+    let mut f = fixture(DriverConfig {
+        max_pending_events: 2,
+        ..DriverConfig::default()
+    });
+    // EMQX does not answer: each connection's HELLO-like Send hangs.
+    let permits = f.emqx.gate.available_permits();
+    f.emqx.gate.forget_permits(permits);
+    f.create("a").await;
+    f.create("b").await;
+    f.next_call().await;
+    f.next_call().await;
+    // Two events are in progress: a third connection must wait.
+    let driver = f.driver.clone();
+    let third = tokio::spawn(async move {
+        driver
+            .dispatch("c", Event::Created(ConnMeta::default()), false)
+            .await;
+    });
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!third.is_finished(), "handler did not wait for global room");
+    f.emqx.gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .unwrap()
+        .unwrap();
+}
