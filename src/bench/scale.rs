@@ -168,6 +168,9 @@ pub fn conn_id(i: usize) -> String {
     format!("g2gDZAANbm9ub2RlQG5vaG9zdGEAYgAA{i:016}")
 }
 
+/// Streaming mode: connections whose streams share one HTTP/2 connection.
+const STREAM_CONNS_PER_CHANNEL: usize = 200;
+
 /// One scale run.
 #[derive(Debug, Clone)]
 pub struct ScalePlan {
@@ -219,18 +222,43 @@ pub async fn establish(plan: &ScalePlan, counts: &Counts) -> anyhow::Result<(Dur
             }
         }
         HandlerMode::Stream => {
-            let client = ConnectionHandlerClient::new(channel);
+            // Several HTTP/2 connections, as EMQX's client pool has: one
+            // connection stalled with many thousands of long-lived streams.
+            let pool: Vec<_> = (0..plan.connections.div_ceil(STREAM_CONNS_PER_CHANNEL))
+                .map(|_| {
+                    Endpoint::from_shared(plan.handler_url.clone())
+                        .map(|e| ConnectionHandlerClient::new(e.tcp_nodelay(true).connect_lazy()))
+                })
+                .collect::<Result<_, _>>()?;
             let mut opened = futures::stream::iter(0..plan.connections)
-                .map(|i| open_streams(client.clone(), i, plan.streams_per_conn))
+                .map(|i| {
+                    open_streams(
+                        pool[i / STREAM_CONNS_PER_CHANNEL].clone(),
+                        i,
+                        plan.streams_per_conn,
+                    )
+                })
                 .buffer_unordered(plan.concurrency.max(1));
             while let Some(r) = opened.next().await {
                 keep.push(r?);
+                if keep.len() % 1000 == 0 {
+                    tracing::info!(opened = keep.len(), "streams opened");
+                }
             }
         }
     }
     let target = base + plan.connections as u64;
     let deadline = start + plan.timeout;
+    let mut report = Instant::now() + Duration::from_secs(5);
     while counts.connected.load(Ordering::Relaxed) < target {
+        if Instant::now() >= report {
+            report += Duration::from_secs(5);
+            tracing::info!(
+                connected = counts.connected.load(Ordering::Relaxed) - base,
+                of = plan.connections,
+                "establishing"
+            );
+        }
         if Instant::now() >= deadline {
             bail!(
                 "only {} of {} connections established within {:?}",
