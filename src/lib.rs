@@ -6,6 +6,7 @@
 //! client -> EMQX.
 
 pub mod bench;
+pub mod codec;
 pub mod config;
 pub mod dev_gateway;
 pub mod emqx;
