@@ -354,11 +354,19 @@ impl Driver {
             return;
         };
         let mut actions = Vec::with_capacity(8);
+        // Output not yet sent: an event's bytes wait here while the next
+        // event is already queued, so that both go in one `Send` (a reply
+        // and the MSG that follows it, say): one call fewer, no reordering.
+        let mut out = BytesMut::new();
+        // Events handled whose output is still in `out`: they count as
+        // pending work until it is sent.
+        let mut unsent = 0;
         loop {
             let item = {
                 let mut inner = entry.lock();
                 match inner.queue.pop_front() {
-                    Some(item) => item,
+                    Some(item) => Some(item),
+                    None if !out.is_empty() => None,
                     None => {
                         inner.session = Some(session);
                         inner.running = false;
@@ -369,11 +377,26 @@ impl Driver {
                     }
                 }
             };
+            let Some(item) = item else {
+                // Nothing more to coalesce with: send, then look again.
+                let sent = self
+                    .deliver(&entry.conn, Op::Send(out.split().freeze()))
+                    .await;
+                self.release(std::mem::take(&mut unsent));
+                if let Err(EmqxError::Gone) = sent {
+                    self.end(&entry, "gone");
+                    return;
+                }
+                continue;
+            };
             entry.drained().notify_waiters();
             let flow = self
-                .process(&entry, &mut *session, item, &mut actions)
+                .process(&entry, &mut *session, item, &mut actions, &mut out)
                 .await;
-            self.release(1);
+            unsent += 1;
+            if out.is_empty() || matches!(flow, Flow::End(_)) {
+                self.release(std::mem::take(&mut unsent));
+            }
             if let Flow::End(why) = flow {
                 self.end(&entry, why);
                 return;
@@ -403,20 +426,30 @@ impl Driver {
         session: &mut dyn Session,
         item: Item,
         actions: &mut Vec<Action>,
+        out: &mut BytesMut,
     ) -> Flow {
         let conn = &entry.conn;
         let event = match item {
             Item::Probe => {
+                if !out.is_empty() {
+                    if let Err(EmqxError::Gone) =
+                        self.deliver(conn, Op::Send(out.split().freeze())).await
+                    {
+                        return Flow::End("gone");
+                    }
+                }
                 return match self.emqx.call(conn, Op::Send(Bytes::new())).await {
                     Err(EmqxError::Gone) => Flow::End("gone (probe)"),
                     _ => Flow::Continue,
-                }
+                };
             }
             Item::Event(e) => e,
         };
         let closed = matches!(event, Event::Closed(_));
         session.handle(event, actions);
-        let mut out = BytesMut::new();
+        // Bytes carried over from earlier events go out before this event
+        // waits on any call, so they are never held up by a round trip.
+        let mut carried = !out.is_empty();
         loop {
             let mut call = None;
             for action in actions.drain(..) {
@@ -428,8 +461,9 @@ impl Driver {
             }
             let Some(call) = call else { break };
             let is_close = call == Call::Close;
-            if is_close && !out.is_empty() {
-                // What was said before closing must reach the client first.
+            // What was said before closing must reach the client first.
+            if (carried || is_close) && !out.is_empty() {
+                carried = false;
                 if let Err(EmqxError::Gone) =
                     self.deliver(conn, Op::Send(out.split().freeze())).await
                 {
@@ -460,16 +494,19 @@ impl Driver {
             }
             session.handle(Event::Reply(reply), actions);
         }
-        if !out.is_empty() {
-            if let Err(EmqxError::Gone) = self.deliver(conn, Op::Send(out.freeze())).await {
-                return Flow::End("gone");
-            }
-        }
         if closed {
-            Flow::End("closed")
-        } else {
-            Flow::Continue
+            if !out.is_empty() {
+                if let Err(EmqxError::Gone) =
+                    self.deliver(conn, Op::Send(out.split().freeze())).await
+                {
+                    return Flow::End("gone");
+                }
+            }
+            return Flow::End("closed");
         }
+        // Whatever is left in `out` goes with the next queued event's
+        // output, or alone once the mailbox is empty (see `work`).
+        Flow::Continue
     }
 
     /// A call that must get through: retried with backoff while EMQX is
