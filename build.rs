@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Bytes fields as `bytes::Bytes`: chunks and payloads pass through
         // the adapter without being copied.
         .bytes(".")
+        // Small initial buffers: see src/codec.rs.
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(fds)?;
     Ok(())
 }

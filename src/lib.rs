@@ -5,6 +5,8 @@
 //! [`registry`] -> a [`protocol::Session`] (sans-IO) -> actions -> [`emqx`]
 //! client -> EMQX.
 
+pub mod bench;
+pub mod codec;
 pub mod config;
 pub mod config_file;
 pub mod dev_gateway;

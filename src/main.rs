@@ -48,6 +48,12 @@ enum Command {
     /// Run the dev gateway and the adapter in one process, ready for
     /// `nc 127.0.0.1 7993`.
     Demo(DemoArgs),
+    /// Measure a handler through the dev gateway: messages/s, latency,
+    /// CPU and memory (see BENCHMARKS.md).
+    Bench(exproto_adapter::bench::BenchArgs),
+    /// A reference handler (echo or no-op) that `bench` measures against.
+    #[command(hide = true)]
+    BenchHandler(exproto_adapter::bench::HandlerArgs),
 }
 
 /// Flags of `demo`: the dev gateway's, plus the adapter's protocol settings.
@@ -303,9 +309,10 @@ async fn metrics_on(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     telemetry::install_prometheus(listener)
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     use std::io::IsTerminal;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
@@ -337,7 +344,13 @@ async fn run() -> anyhow::Result<()> {
     let (argv, from_file) = with_config_file(std::env::args_os().collect())?;
     let matches = Cli::command().get_matches_from(argv);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    init_logging(cli.log_format);
+    // A benchmark's output is its report; per-connection info logs from the
+    // gateway would drown it.
+    let default_level = match cli.command {
+        Command::Bench(_) | Command::BenchHandler(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
     match cli.command {
         Command::Config(_) => {
             if let Some(("config", sub)) = matches.subcommand() {
@@ -362,6 +375,8 @@ async fn run() -> anyhow::Result<()> {
             gateway.shutdown().await;
         }
         Command::Demo(args) => demo(args).await?,
+        Command::Bench(args) => exproto_adapter::bench::main(args).await?,
+        Command::BenchHandler(args) => exproto_adapter::bench::reference::serve(args).await?,
     }
     Ok(())
 }

@@ -43,6 +43,11 @@ fn ok(r: pb::CodeResponse) -> CallResult {
 impl AdapterService {
     /// Applies an injected fault: `Some` answers the call instead.
     async fn fault(&self, method: Method) -> Result<Option<pb::CodeResponse>, Status> {
+        // Every method passes here first, so this counts each call once.
+        self.shared
+            .stats
+            .adapter_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.shared.faults.take(method) {
             None => Ok(None),
             Some(Fault::Code { code, message }) => Ok(Some(pb::CodeResponse {

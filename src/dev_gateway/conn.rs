@@ -373,6 +373,10 @@ impl Conn {
 
     fn dispatch(&mut self, ev: HandlerEvent) -> JoinHandle<Result<(), HandlerError>> {
         tracing::debug!(call = ev.fun_name(), "handler call");
+        self.shared
+            .stats
+            .handler_events
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &mut self.streams {
             None => self.shared.handler.unary(&self.id, ev),
             Some(streams) => {

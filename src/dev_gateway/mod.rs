@@ -38,6 +38,7 @@ mod router;
 pub mod topic;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +81,25 @@ pub(crate) struct Shared {
     pub exhook: Option<HookClient>,
     /// Cancelled when the gateway stops; everything watches it.
     pub shutdown: CancellationToken,
+    /// Calls counted for load tests (`exproto-adapter bench`).
+    pub stats: Counters,
+}
+
+/// Running totals of the calls between the gateway and its handler.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub handler_events: AtomicU64,
+    pub adapter_calls: AtomicU64,
+}
+
+/// Calls since the gateway started, read with [`DevGateway::stats`]; a load
+/// test takes two and subtracts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Handler events sent to the handler (unary calls, or stream writes).
+    pub handler_events: u64,
+    /// ConnectionAdapter calls the handler made (Send, Publish, ...).
+    pub adapter_calls: u64,
 }
 
 /// A running dev gateway. Dropping it stops everything too, without waiting.
@@ -142,6 +162,7 @@ impl DevGateway {
             faults,
             exhook,
             shutdown,
+            stats: Counters::default(),
         });
         let adapter = AdapterServer::start_new(shared.clone(), shared.cfg.adapter_listen)
             .await
@@ -190,6 +211,14 @@ impl DevGateway {
     /// What the ExHook client has done; `None` without `exhook`.
     pub fn exhook_stats(&self) -> Option<ExhookStats> {
         self.shared.exhook.as_ref().map(HookClient::stats)
+    }
+
+    /// Handler events and ConnectionAdapter calls so far.
+    pub fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            handler_events: self.shared.stats.handler_events.load(Ordering::Relaxed),
+            adapter_calls: self.shared.stats.adapter_calls.load(Ordering::Relaxed),
+        }
     }
 
     /// Live connection processes (including those draining after their

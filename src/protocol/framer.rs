@@ -144,6 +144,11 @@ impl LineFramer {
             }
             return Some(Frame::Line(strip_cr(line)));
         }
+        // Nothing queued: give the queue's buffer back, so an idle
+        // connection (most of them, most of the time) holds no allocation.
+        if self.chunks.capacity() > 0 {
+            self.chunks = VecDeque::new();
+        }
         None
     }
 

@@ -462,6 +462,19 @@ impl Session for ChatSession {
     }
 
     fn handle(&mut self, event: Event, out: &mut Vec<Action>) {
+        self.handle_event(event, out);
+        // Idle between events: `split` left the output buffer holding its
+        // allocation (shared with the last Send) for the next line. Reusing
+        // it within an event saves an allocation per reply; between events
+        // an idle connection, most of them most of the time, keeps none.
+        if self.pending.is_none() && self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+    }
+}
+
+impl ChatSession {
+    fn handle_event(&mut self, event: Event, out: &mut Vec<Action>) {
         if self.is_over() {
             if let Event::Closed(_) = event {
                 self.phase = Phase::Closed;
