@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the measurements behind BENCHMARKS.md and keeps one JSON file per run
+# Runs the benchmark set and keeps one JSON file per run
 # in $OUT (default target/bench-results). Handlers alternate run by run, so
 # the adapter and its references see the same machine load.
 #
@@ -7,7 +7,7 @@
 #   REPS=1 DURATION=5 bash benches/run.sh load
 #   bash benches/run.sh scale
 #
-# The Python example is measured by hand (see BENCHMARKS.md).
+# A handler started elsewhere is measured with --handler-url and --handler-pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
