@@ -49,7 +49,7 @@ enum Command {
     /// `nc 127.0.0.1 7993`.
     Demo(DemoArgs),
     /// Measure a handler through the dev gateway: messages/s, latency,
-    /// CPU and memory (see BENCHMARKS.md).
+    /// CPU and memory.
     Bench(exproto_adapter::bench::BenchArgs),
     /// A reference handler (echo or no-op) that `bench` measures against.
     #[command(hide = true)]
