@@ -157,6 +157,11 @@ pub struct ServeArgs {
     #[arg(long, env = "EXPROTO_MAX_QUEUED_EVENTS", default_value_t = 64)]
     pub max_queued_events: usize,
 
+    /// Events queued or being handled across all connections before the
+    /// adapter answers EMQX later (bounds memory in connection storms).
+    #[arg(long, env = "EXPROTO_MAX_PENDING_EVENTS", default_value_t = 1024)]
+    pub max_pending_events: usize,
+
     /// HTTP/2 streams per EMQX connection to the handler; 0 is unlimited
     /// (the default: streaming mode holds up to five per client).
     #[arg(long, env = "EXPROTO_MAX_STREAMS", default_value_t = 0)]
@@ -322,6 +327,7 @@ impl ServeArgs {
                 created_wait: self.created_wait,
                 max_held_bytes: self.max_line,
                 max_queued_events: self.max_queued_events.max(1),
+                max_pending_events: self.max_pending_events.max(1),
                 idle_probe: self.idle_probe,
                 max_sessions: self.max_sessions,
                 max_pending_calls: usize::try_from(self.max_pending_calls).unwrap_or(usize::MAX),

@@ -21,6 +21,7 @@
 
 mod timers;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -54,6 +55,11 @@ pub struct DriverConfig {
     /// Events a connection's mailbox holds before handler calls wait for it
     /// to drain, which pushes back on EMQX instead of growing without bound.
     pub max_queued_events: usize,
+    /// Events queued or being handled across all connections before
+    /// handler calls wait: the adapter answers before it works, so without
+    /// this bound a burst of connections (100k logging in at once) piles up
+    /// work, and memory, faster than EMQX answers the calls it makes.
+    pub max_pending_events: usize,
     /// A session silent this long is probed with an empty `Send`, so
     /// sessions whose `OnSocketClosed` was lost are reclaimed.
     pub idle_probe: Duration,
@@ -76,6 +82,7 @@ impl Default for DriverConfig {
             created_wait: Duration::from_secs(2),
             max_held_bytes: 65_536,
             max_queued_events: 64,
+            max_pending_events: 1024,
             idle_probe: Duration::from_secs(120),
             max_sessions: 100_000,
             max_pending_calls: 1024,
@@ -119,6 +126,14 @@ pub struct Driver {
     shutting_down: AtomicBool,
     /// Work in progress, so a shutdown knows when it may stop.
     activity: Arc<Activity>,
+    /// Events queued or being handled, all connections together
+    /// (`max_pending_events`).
+    queued: AtomicUsize,
+    /// Handler calls waiting for `queued` to drop to its bound, so workers
+    /// only wake anyone when someone waits.
+    waiting: AtomicUsize,
+    /// Wakes them.
+    room: tokio::sync::Notify,
 }
 
 /// Counts work in progress (workers, handler calls, notice tasks) and wakes
@@ -188,6 +203,9 @@ impl Driver {
                 full: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
                 activity: Arc::default(),
+                queued: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
+                room: tokio::sync::Notify::new(),
                 config,
                 store,
             }
@@ -328,6 +346,7 @@ impl Driver {
             let mut inner = entry.lock();
             inner.queue.push_back(Item::Event(created));
             inner.queue.extend(held.into_iter().map(Item::Event));
+            self.queued.fetch_add(inner.queue.len(), Ordering::SeqCst);
         }
         self.registry.sessions.insert(conn, entry.clone());
         telemetry::connections(1.0);
@@ -447,6 +466,7 @@ impl Driver {
                 return;
             }
             inner.queue.push_back(item);
+            self.queued.fetch_add(1, Ordering::SeqCst);
             !std::mem::replace(&mut inner.running, true)
         };
         if start {
@@ -479,10 +499,38 @@ impl Driver {
             {
                 let inner = entry.lock();
                 if inner.ended || inner.queue.len() <= self.config.max_queued_events {
-                    return;
+                    break;
                 }
             }
             notified.await;
+        }
+        let limit = self.config.max_pending_events;
+        if self.queued.load(Ordering::SeqCst) <= limit {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Uncounted on every way out, also when EMQX cancels the call.
+        let _counted = Uncount(&self.waiting);
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.queued.load(Ordering::SeqCst) <= limit {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// `n` queued events are done with (handled and their output sent, or
+    /// dropped).
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = self.queued.fetch_sub(n, Ordering::SeqCst).saturating_sub(n);
+        if now <= self.config.max_pending_events && self.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
         }
     }
 
@@ -494,22 +542,49 @@ impl Driver {
         let mut actions = Vec::with_capacity(8);
         // The session's count is cumulative; each run reports what it added.
         let mut parse_errors = session.parse_errors();
+        // Output not sent yet: an event's bytes wait here while the next
+        // event is already queued, so that both go in one `Send` (a reply
+        // and the MSG that follows it, say): one call fewer, same order.
+        let mut out = BytesMut::new();
+        // Events handled whose output is still in `out`: they count as
+        // pending work until it is sent.
+        let mut unsent = 0;
         loop {
             let item = {
                 let mut inner = entry.lock();
                 match inner.queue.pop_front() {
-                    Some(item) => item,
+                    Some(item) => Some(item),
+                    None if !out.is_empty() => None,
                     None => {
                         inner.session = Some(session);
                         inner.running = false;
+                        // An idle connection keeps no mailbox buffer: with
+                        // 100k connections its few hundred bytes add up.
+                        inner.queue = VecDeque::new();
                         return;
                     }
                 }
             };
+            let Some(item) = item else {
+                // Nothing more to merge with: send, then look again.
+                let sent = self
+                    .deliver(&entry.conn, Op::Send(out.split().freeze()))
+                    .await;
+                self.release(std::mem::take(&mut unsent));
+                if let Err(EmqxError::Gone) = sent {
+                    self.end(&entry, "gone");
+                    return;
+                }
+                continue;
+            };
             entry.drained().notify_waiters();
             let flow = self
-                .process(&entry, &mut *session, item, &mut actions)
+                .process(&entry, &mut *session, item, &mut actions, &mut out)
                 .await;
+            unsent += 1;
+            if out.is_empty() || matches!(flow, Flow::End(_)) {
+                self.release(std::mem::take(&mut unsent));
+            }
             let now = session.parse_errors();
             if now > parse_errors {
                 telemetry::parse_errors(now - parse_errors);
@@ -529,12 +604,15 @@ impl Driver {
             telemetry::connections(-1.0);
         }
         self.timers.set(&entry.conn, None);
-        {
+        let dropped = {
             let mut inner = entry.lock();
             inner.ended = true;
-            inner.queue.clear();
+            let dropped = inner.queue.len();
+            inner.queue = VecDeque::new();
             inner.running = false;
-        }
+            dropped
+        };
+        self.release(dropped);
         entry.drained().notify_waiters();
     }
 
@@ -544,21 +622,31 @@ impl Driver {
         session: &mut dyn Session,
         item: Item,
         actions: &mut Vec<Action>,
+        out: &mut BytesMut,
     ) -> Flow {
         let conn = &entry.conn;
         let event = match item {
             Item::Probe => {
+                if !out.is_empty() {
+                    if let Err(EmqxError::Gone) =
+                        self.deliver(conn, Op::Send(out.split().freeze())).await
+                    {
+                        return Flow::End("gone");
+                    }
+                }
                 return match self.call_emqx(conn, Op::Send(Bytes::new())).await {
                     Err(EmqxError::Gone) => Flow::End("gone (probe)"),
                     _ => Flow::Continue,
-                }
+                };
             }
             Item::Event(e) => e,
         };
         let closed = matches!(event, Event::Closed(_));
         session.set_time(self.registry.now_ms());
         session.handle(event, actions);
-        let mut out = BytesMut::new();
+        // Bytes carried over from earlier events go out before this event
+        // waits on anything, so they are never held up by a round trip.
+        let mut carried = !out.is_empty();
         loop {
             let mut call = None;
             for action in actions.drain(..) {
@@ -569,20 +657,21 @@ impl Driver {
                 }
             }
             let Some(call) = call else { break };
-            if matches!(call, Call::Who { .. } | Call::History { .. }) {
-                let reply = self.lookup(conn, call).await;
-                session.set_time(self.registry.now_ms());
-                session.handle(Event::Reply(reply), actions);
-                continue;
-            }
             let is_close = call == Call::Close;
-            if is_close && !out.is_empty() {
-                // What was said before closing must reach the client first.
+            // What was said before closing must reach the client first.
+            if (carried || is_close) && !out.is_empty() {
+                carried = false;
                 if let Err(EmqxError::Gone) =
                     self.deliver(conn, Op::Send(out.split().freeze())).await
                 {
                     return Flow::End("gone");
                 }
+            }
+            if matches!(call, Call::Who { .. } | Call::History { .. }) {
+                let reply = self.lookup(conn, call).await;
+                session.set_time(self.registry.now_ms());
+                session.handle(Event::Reply(reply), actions);
+                continue;
             }
             let op = Op::Call(call);
             let method = op.method();
@@ -609,16 +698,19 @@ impl Driver {
             session.set_time(self.registry.now_ms());
             session.handle(Event::Reply(reply), actions);
         }
-        if !out.is_empty() {
-            if let Err(EmqxError::Gone) = self.deliver(conn, Op::Send(out.freeze())).await {
-                return Flow::End("gone");
-            }
-        }
         if closed {
-            Flow::End("closed")
-        } else {
-            Flow::Continue
+            if !out.is_empty() {
+                if let Err(EmqxError::Gone) =
+                    self.deliver(conn, Op::Send(out.split().freeze())).await
+                {
+                    return Flow::End("gone");
+                }
+            }
+            return Flow::End("closed");
         }
+        // Whatever is left in `out` goes with the next queued event's
+        // output, or alone once the mailbox is empty (see `work`).
+        Flow::Continue
     }
 
     /// One call to EMQX, in one of the `max_pending_calls` places. Waiting
@@ -722,6 +814,16 @@ impl Driver {
                 r => return r,
             }
         }
+    }
+}
+
+/// Takes one off a count when dropped, also when the future holding it is
+/// cancelled.
+struct Uncount<'a>(&'a AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
