@@ -313,13 +313,12 @@ async fn drive(
         let stop = to + DRAIN;
         loop {
             line.clear();
-            let n = match tokio::time::timeout_at(stop, reader.read_until(b'\n', &mut line)).await {
-                Err(_) => break,
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => n,
+            match tokio::time::timeout_at(stop, reader.read_until(b'\n', &mut line)).await {
+                // The window and the drain are over, or the server closed.
+                Err(_) | Ok(Ok(0)) => break,
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(anyhow::Error::from(e)),
-            };
-            let _ = n;
+            }
             let now = Instant::now();
             if let Some((sender, sent_us)) = delivery(read_plan.workload, &line) {
                 if sender == index {

@@ -611,23 +611,7 @@ async fn run_load(args: &BenchArgs) -> anyhow::Result<LoadReport> {
         let gw = &gateway;
         move || gw.stats()
     };
-    let sampler = async {
-        let Ok((from, to)) = win_rx.await else {
-            return None;
-        };
-        let mut w = Window::default();
-        tokio::time::sleep_until(from).await;
-        let t0 = Instant::now();
-        w.handler[0] = pid.and_then(|p| proc::sample(p).ok());
-        w.bench[0] = proc::sample(std::process::id()).ok();
-        w.gateway[0] = gw_stats();
-        tokio::time::sleep_until(to).await;
-        w.handler[1] = pid.and_then(|p| proc::sample(p).ok());
-        w.bench[1] = proc::sample(std::process::id()).ok();
-        w.gateway[1] = gw_stats();
-        w.wall = t0.elapsed();
-        Some(w)
-    };
+    let sampler = sample_window(win_rx, pid, gw_stats);
     let (outcome, window) = tokio::join!(
         load::run(&plan, move |from, to| {
             let _ = win_tx.send((from, to));
@@ -640,52 +624,27 @@ async fn run_load(args: &BenchArgs) -> anyhow::Result<LoadReport> {
     drop(handler);
     gateway.shutdown().await;
 
-    let secs = window.wall.as_secs_f64().max(1e-9);
-    let p = stats::summarise(&mut outcome.latencies_us);
-    let handler_cpu = match (window.handler[0], window.handler[1]) {
-        (Some(a), Some(b)) => Some(b.cpu.saturating_sub(a.cpu)),
-        _ => None,
-    };
     let events = window.gateway[1].handler_events - window.gateway[0].handler_events;
-    let calls = window.gateway[1].adapter_calls - window.gateway[0].adapter_calls;
-    Ok(LoadReport {
-        mode: "load",
-        handler: handler_label(args),
-        service: service_name(args.service),
-        workload,
-        clients: args.clients,
-        fanout: args.fanout,
-        payload_bytes: args.payload,
-        window: args.window,
-        rate_target: args.rate,
-        duration_s: secs,
-        published: outcome.published,
-        delivered: outcome.delivered,
-        errors: outcome.errors,
-        skipped: outcome.skipped,
-        messages_per_sec: outcome.delivered as f64 / secs,
-        publishes_per_sec: outcome.published as f64 / secs,
-        p50_ms: p.p50,
-        p99_ms: p.p99,
-        p999_ms: p.p999,
-        max_ms: p.max,
-        mean_ms: p.mean,
-        handler_events_per_sec: events as f64 / secs,
-        adapter_calls_per_sec: calls as f64 / secs,
-        adapter_cpu_percent: cpu_percent(window.handler[0], window.handler[1], window.wall),
-        adapter_cpu_us_per_msg: handler_cpu
-            .filter(|_| outcome.delivered > 0)
-            .map(|c| c.as_secs_f64() * 1e6 / outcome.delivered as f64),
-        adapter_rss_bytes: rss_end,
-        adapter_rss_per_conn_bytes: match (rss_start, rss_end) {
-            (Some(a), Some(b)) => Some((b as f64 - a as f64) / args.clients.max(1) as f64),
-            _ => None,
+    Ok(load_report(
+        args,
+        Shape {
+            workload,
+            fanout: args.fanout,
+            window: args.window,
+            rate_target: args.rate,
         },
-        bench_cpu_percent: cpu_percent(window.bench[0], window.bench[1], window.wall)
-            .unwrap_or(0.0),
+        Counted {
+            published: outcome.published,
+            delivered: outcome.delivered,
+            errors: outcome.errors,
+            skipped: outcome.skipped,
+            events,
+            latencies_us: &mut outcome.latencies_us,
+        },
+        &window,
+        (rss_start, rss_end),
         loadavg_before,
-        loadavg_after: loadavg(),
-    })
+    ))
 }
 
 /// The hop workload: the tool is EMQX, calling the handler directly.
@@ -707,21 +666,10 @@ async fn run_hop(args: &BenchArgs) -> anyhow::Result<LoadReport> {
     let (win_tx, win_rx) = tokio::sync::oneshot::channel::<(Instant, Instant)>();
     let pid = handler.pid;
     let counts = fake.counts.clone();
-    let sampler = async {
-        let (from, to) = win_rx.await.ok()?;
-        let mut w = Window::default();
-        tokio::time::sleep_until(from).await;
-        let t0 = Instant::now();
-        w.handler[0] = pid.and_then(|p| proc::sample(p).ok());
-        w.bench[0] = proc::sample(std::process::id()).ok();
-        w.gateway[0].adapter_calls = counts.calls.load(std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep_until(to).await;
-        w.handler[1] = pid.and_then(|p| proc::sample(p).ok());
-        w.bench[1] = proc::sample(std::process::id()).ok();
-        w.gateway[1].adapter_calls = counts.calls.load(std::sync::atomic::Ordering::Relaxed);
-        w.wall = t0.elapsed();
-        Some(w)
-    };
+    let sampler = sample_window(win_rx, pid, move || GatewayStats {
+        handler_events: 0,
+        adapter_calls: counts.calls.load(std::sync::atomic::Ordering::Relaxed),
+    });
     let (outcome, window) = tokio::join!(
         scale::hop(&plan, move |from, to| {
             let _ = win_tx.send((from, to));
@@ -732,42 +680,113 @@ async fn run_hop(args: &BenchArgs) -> anyhow::Result<LoadReport> {
     let window = window.context("the run ended before its measured window")?;
     let rss_end = handler.sample().map(|s| s.rss_bytes);
     drop(handler);
+    // Here a "message" is one answered handler call.
+    Ok(load_report(
+        args,
+        Shape {
+            workload: Workload::Hop,
+            fanout: 1,
+            window: 1,
+            rate_target: None,
+        },
+        Counted {
+            published: outcome.calls,
+            delivered: outcome.calls,
+            errors: outcome.errors,
+            skipped: 0,
+            events: outcome.calls,
+            latencies_us: &mut outcome.latencies_us,
+        },
+        &window,
+        (rss_start, rss_end),
+        loadavg_before,
+    ))
+}
+
+/// What a load run was asked to do, as its report states it.
+struct Shape {
+    workload: Workload,
+    fanout: usize,
+    window: usize,
+    rate_target: Option<f64>,
+}
+
+/// What a load run counted.
+struct Counted<'a> {
+    published: u64,
+    delivered: u64,
+    errors: u64,
+    skipped: u64,
+    events: u64,
+    latencies_us: &'a mut [u64],
+}
+
+/// Samples the handler, this process and the gateway's counters at both
+/// ends of the measured window, once the run says where it lies.
+async fn sample_window(
+    window: tokio::sync::oneshot::Receiver<(Instant, Instant)>,
+    pid: Option<u32>,
+    gateway: impl Fn() -> GatewayStats,
+) -> Option<Window> {
+    let (from, to) = window.await.ok()?;
+    let mut w = Window::default();
+    tokio::time::sleep_until(from).await;
+    let t0 = Instant::now();
+    for end in 0..2 {
+        if end == 1 {
+            tokio::time::sleep_until(to).await;
+        }
+        w.handler[end] = pid.and_then(|p| proc::sample(p).ok());
+        w.bench[end] = proc::sample(std::process::id()).ok();
+        w.gateway[end] = gateway();
+    }
+    w.wall = t0.elapsed();
+    Some(w)
+}
+
+fn load_report(
+    args: &BenchArgs,
+    shape: Shape,
+    counted: Counted<'_>,
+    window: &Window,
+    (rss_start, rss_end): (Option<u64>, Option<u64>),
+    loadavg_before: Option<f64>,
+) -> LoadReport {
     let secs = window.wall.as_secs_f64().max(1e-9);
-    let p = stats::summarise(&mut outcome.latencies_us);
-    let calls = window.gateway[1].adapter_calls - window.gateway[0].adapter_calls;
+    let p = stats::summarise(counted.latencies_us);
     let handler_cpu = match (window.handler[0], window.handler[1]) {
         (Some(a), Some(b)) => Some(b.cpu.saturating_sub(a.cpu)),
         _ => None,
     };
-    Ok(LoadReport {
+    let calls = window.gateway[1].adapter_calls - window.gateway[0].adapter_calls;
+    LoadReport {
         mode: "load",
         handler: handler_label(args),
         service: service_name(args.service),
-        workload: Workload::Hop,
+        workload: shape.workload,
         clients: args.clients,
-        fanout: 1,
+        fanout: shape.fanout,
         payload_bytes: args.payload,
-        window: 1,
-        rate_target: None,
+        window: shape.window,
+        rate_target: shape.rate_target,
         duration_s: secs,
-        published: outcome.calls,
-        delivered: outcome.calls,
-        errors: outcome.errors,
-        skipped: 0,
-        // Here a "message" is one answered handler call.
-        messages_per_sec: outcome.calls as f64 / secs,
-        publishes_per_sec: outcome.calls as f64 / secs,
+        published: counted.published,
+        delivered: counted.delivered,
+        errors: counted.errors,
+        skipped: counted.skipped,
+        messages_per_sec: counted.delivered as f64 / secs,
+        publishes_per_sec: counted.published as f64 / secs,
         p50_ms: p.p50,
         p99_ms: p.p99,
         p999_ms: p.p999,
         max_ms: p.max,
         mean_ms: p.mean,
-        handler_events_per_sec: outcome.calls as f64 / secs,
+        handler_events_per_sec: counted.events as f64 / secs,
         adapter_calls_per_sec: calls as f64 / secs,
         adapter_cpu_percent: cpu_percent(window.handler[0], window.handler[1], window.wall),
         adapter_cpu_us_per_msg: handler_cpu
-            .filter(|_| outcome.calls > 0)
-            .map(|c| c.as_secs_f64() * 1e6 / outcome.calls as f64),
+            .filter(|_| counted.delivered > 0)
+            .map(|c| c.as_secs_f64() * 1e6 / counted.delivered as f64),
         adapter_rss_bytes: rss_end,
         adapter_rss_per_conn_bytes: match (rss_start, rss_end) {
             (Some(a), Some(b)) => Some((b as f64 - a as f64) / args.clients.max(1) as f64),
@@ -777,7 +796,7 @@ async fn run_hop(args: &BenchArgs) -> anyhow::Result<LoadReport> {
             .unwrap_or(0.0),
         loadavg_before,
         loadavg_after: loadavg(),
-    })
+    }
 }
 
 async fn run_scale(args: &BenchArgs) -> anyhow::Result<ScaleReport> {

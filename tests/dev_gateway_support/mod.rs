@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig};
 use exproto_adapter::pb;
@@ -18,16 +17,16 @@ use exproto_adapter::pb::connection_unary_handler_server::{
     ConnectionUnaryHandler, ConnectionUnaryHandlerServer,
 };
 use futures::future::BoxFuture;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status, Streaming};
 
-/// How long any awaited event may take before the test fails.
-pub const WAIT: Duration = Duration::from_secs(10);
+// WAIT: how long any awaited event may take before the test fails.
+#[path = "../support/line_client.rs"]
+mod line_client;
+pub use line_client::{Client, WAIT};
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -526,72 +525,6 @@ impl Gate {
 
     pub fn open(&self, n: usize) {
         self.0.add_permits(n);
-    }
-}
-
-/// A line-oriented TCP client.
-pub struct Client {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
-}
-
-impl Client {
-    pub async fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (r, w) = stream.into_split();
-        Client {
-            reader: BufReader::new(r),
-            writer: w,
-        }
-    }
-
-    /// Connects and reads the scripted `HELLO <conn>`; returns the conn.
-    pub async fn hello(addr: SocketAddr) -> (Client, String) {
-        let mut c = Client::connect(addr).await;
-        let line = c.line().await;
-        let conn = line
-            .strip_prefix("HELLO ")
-            .unwrap_or_else(|| panic!("expected HELLO, got {line:?}"))
-            .to_owned();
-        (c, conn)
-    }
-
-    pub async fn send(&mut self, text: &str) {
-        self.writer.write_all(text.as_bytes()).await.unwrap();
-    }
-
-    /// The next line, without its LF; fails the test after [`WAIT`].
-    pub async fn line(&mut self) -> String {
-        let mut line = String::new();
-        let n = tokio::time::timeout(WAIT, self.reader.read_line(&mut line))
-            .await
-            .expect("timed out waiting for a line")
-            .expect("read failed");
-        assert!(n > 0, "connection closed while waiting for a line");
-        line.trim_end_matches('\n').to_owned()
-    }
-
-    /// Sends a command line and returns the reply line.
-    pub async fn ask(&mut self, cmd: &str) -> String {
-        self.send(&format!("{cmd}\n")).await;
-        self.line().await
-    }
-
-    /// Waits until the server closes the socket; returns what arrived
-    /// before.
-    pub async fn eof(&mut self) -> String {
-        let mut rest = Vec::new();
-        let res = tokio::time::timeout(WAIT, self.reader.read_to_end(&mut rest))
-            .await
-            .expect("timed out waiting for the server to close");
-        // A reset after close is a close too.
-        let _ = res;
-        String::from_utf8_lossy(&rest).into_owned()
-    }
-
-    pub async fn shutdown_write(&mut self) {
-        self.writer.shutdown().await.unwrap();
     }
 }
 
