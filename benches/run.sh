@@ -6,6 +6,7 @@
 #   bash benches/run.sh            # everything but the Python example
 #   REPS=1 DURATION=5 bash benches/run.sh load
 #   bash benches/run.sh scale
+#   REPS=5 bash benches/run.sh rate   # latency only, after a load run
 #
 # A handler started elsewhere is measured with --handler-url and --handler-pid.
 set -euo pipefail
@@ -36,10 +37,18 @@ if [[ $WHAT == all || $WHAT == load ]]; then
     done
     run "noop-hop-$rep" --handler noop
   done
-  # Latency at half the echo reference's best unary rate.
+fi
+
+if [[ $WHAT == all || $WHAT == load || $WHAT == rate ]]; then
+  # Latency at half the echo reference's best unary rate (from the load
+  # runs above, or kept from an earlier `load` run).
   best=$(for f in "$OUT"/echo-unary-*.json; do
     sed -E 's/.*"messages_per_sec":([0-9.]+).*/\1/' "$f"
   done | sort -g | tail -1)
+  if [[ -z $best ]]; then
+    echo "no echo-unary-*.json in $OUT: run the load set first" >&2
+    exit 1
+  fi
   half=$(awk -v b="$best" 'BEGIN { printf "%d", b / 2 }')
   for rep in $(seq 1 "$REPS"); do
     run "adapter-rate-$rep" --handler adapter --rate "$half"
@@ -51,7 +60,10 @@ if [[ $WHAT == all || $WHAT == scale ]]; then
   for n in 10000 50000 100000; do
     run "scale-unary-$n" --mode scale --connections "$n"
   done
+  # Streaming holds two HTTP/2 streams per idle connection. A failed run is
+  # reported and the rest go on.
   for n in 10000 50000; do
-    run "scale-stream-$n" --mode scale --service stream --connections "$n"
+    run "scale-stream-$n" --mode scale --service stream --connections "$n" ||
+      echo "scale-stream-$n failed" >&2
   done
 fi
