@@ -118,10 +118,7 @@ impl ChatSession {
     /// Hands the lines written so far to the driver.
     fn flush(&mut self, out: &mut Vec<Action>) {
         if !self.out.is_empty() {
-            // Taking the whole buffer (not `split`, which keeps a handle on
-            // its allocation for the next line) leaves an idle session with
-            // no output buffer at all.
-            out.push(Action::Send(std::mem::take(&mut self.out).freeze()));
+            out.push(Action::Send(self.out.split().freeze()));
         }
     }
 
