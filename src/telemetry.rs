@@ -25,6 +25,10 @@ pub const BYTES_IN: &str = "exproto_bytes_in_total";
 pub const BYTES_OUT: &str = "exproto_bytes_out_total";
 /// Lines or frames a protocol could not parse.
 pub const PARSE_ERRORS: &str = "exproto_parse_errors_total";
+/// Hook server records (presence changes, messages) by `outcome`: queued,
+/// dropped (queue full), written, stored (new messages), rejected,
+/// abandoned (unwritten at shutdown).
+pub const HOOK_RECORDS: &str = "exproto_hook_records_total";
 
 /// Makes a Prometheus recorder the process's metrics recorder and serves
 /// its text on `listener` (`GET /metrics`, or any path).
@@ -107,6 +111,10 @@ fn describe() {
     describe_counter!(BYTES_IN, Unit::Bytes, "Bytes received from clients.");
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes sent to clients.");
     describe_counter!(PARSE_ERRORS, "Lines or frames that could not be parsed.");
+    describe_counter!(
+        HOOK_RECORDS,
+        "Hook server records (presence changes and messages), by outcome."
+    );
 }
 
 pub(crate) fn event(kind: &'static str, bytes: usize) {
@@ -131,4 +139,8 @@ pub(crate) fn parse_errors(n: u64) {
 
 pub(crate) fn connections(delta: f64) {
     gauge!(CONNECTIONS).increment(delta);
+}
+
+pub(crate) fn hook_records(outcome: &'static str, n: u64) {
+    counter!(HOOK_RECORDS, "outcome" => outcome).increment(n);
 }

@@ -39,14 +39,28 @@ async fn metrics_count_what_clients_do() {
     let addr = listener.local_addr().unwrap();
     exproto_adapter::telemetry::install_prometheus(listener).unwrap();
 
-    let s = Stack::unary().await;
+    // With presence on, so the hook server's records are counted too.
+    let s = Stack::presence("sqlite::memory:").await;
     let mut c = s.connected("metered").await;
-    assert_eq!(c.ask("SUB m/t").await, "OK SUB m/t 0");
-    assert_eq!(c.ask("PUB m/t :hello").await, "OK PUB m/t");
-    assert_eq!(c.line().await, "MSG m/t metered :hello");
+    assert_eq!(c.ask("SUB chat/m").await, "OK SUB chat/m 0");
+    assert_eq!(c.ask("PUB chat/m :hello").await, "OK PUB chat/m");
+    assert_eq!(c.line().await, "MSG chat/m metered :hello");
     assert!(c.ask("FROB").await.starts_with("ERR 400"));
 
-    let text = get_metrics(addr).await;
+    // The hook server stores in the background: wait for the message.
+    let stored = "exproto_hook_records_total{outcome=\"stored\"} 1";
+    let deadline = tokio::time::Instant::now() + e2e_support::WAIT;
+    let text = loop {
+        let text = get_metrics(addr).await;
+        if text.contains(stored) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing {stored:?} in:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
     for want in [
         "exproto_connections 1",
         "exproto_events_total{kind=\"created\"} 1",
@@ -55,9 +69,12 @@ async fn metrics_count_what_clients_do() {
         "exproto_emqx_calls_total{method=\"Authenticate\",result=\"success\"} 1",
         "exproto_emqx_call_duration_seconds_bucket{method=\"Subscribe\",le=\"5\"} 1",
         "exproto_parse_errors_total 1",
+        // client.connected and message.publish; nothing dropped.
+        "exproto_hook_records_total{outcome=\"queued\"} 2",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
+    assert!(!text.contains("outcome=\"dropped\""), "{text}");
     let counter = |name: &str| -> u64 {
         text.lines()
             .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
@@ -65,7 +82,7 @@ async fn metrics_count_what_clients_do() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
-    let sent_in = "CONNECT metered\nSUB m/t\nPUB m/t :hello\nFROB\n".len() as u64;
+    let sent_in = "CONNECT metered\nSUB chat/m\nPUB chat/m :hello\nFROB\n".len() as u64;
     assert_eq!(counter("exproto_bytes_in_total"), sent_in);
     assert!(counter("exproto_bytes_out_total") > 0);
 }

@@ -34,6 +34,33 @@ pub struct HookStats {
     pub(crate) abandoned: AtomicU64,
 }
 
+/// Which of the [`HookStats`] counters a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Queued,
+    Dropped,
+    Written,
+    Stored,
+    Rejected,
+    Abandoned,
+}
+
+impl HookStats {
+    /// Counts `n` records, here and in the exported metrics.
+    pub(crate) fn add(&self, outcome: Outcome, n: u64) {
+        let (counter, label) = match outcome {
+            Outcome::Queued => (&self.queued, "queued"),
+            Outcome::Dropped => (&self.dropped, "dropped"),
+            Outcome::Written => (&self.written, "written"),
+            Outcome::Stored => (&self.stored, "stored"),
+            Outcome::Rejected => (&self.rejected, "rejected"),
+            Outcome::Abandoned => (&self.abandoned, "abandoned"),
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        crate::telemetry::hook_records(label, n);
+    }
+}
+
 /// A snapshot of [`HookStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
@@ -156,13 +183,13 @@ impl HookCore {
     }
 
     pub(crate) fn count_abandoned(&self, n: u64) {
-        self.stats.abandoned.fetch_add(n, Ordering::Relaxed);
+        self.stats.add(Outcome::Abandoned, n);
     }
 
     fn offer(&self, record: Record) -> bool {
         match self.tx.try_send(record) {
             Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.stats.add(Outcome::Queued, 1);
                 if self.dropping.load(Ordering::Relaxed)
                     && self.dropping.swap(false, Ordering::Relaxed)
                 {
@@ -176,7 +203,7 @@ impl HookCore {
             Err(_) => {
                 // Full (the database is slow or down) or closed (shutting
                 // down): either way EMQX is not kept waiting.
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.add(Outcome::Dropped, 1);
                 if !self.dropping.swap(true, Ordering::Relaxed) {
                     warn!(
                         capacity = self.tx.max_capacity(),

@@ -9,7 +9,6 @@
 //! time, and counted. At shutdown the writer gets a bounded grace to empty
 //! the queue.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::core::{HookStats, Record};
+use super::core::{HookStats, Outcome, Record};
 use crate::store::{now_ms, Presence, Retention, Store, StoreError, StoredMessage};
 
 /// First pause after a failed write; it doubles up to [`MAX_BACKOFF`].
@@ -108,7 +107,7 @@ impl Writer {
             if let Err(unwritten) = self.write_all(&records).await {
                 // Grace is over: count what will never be written.
                 let left = unwritten as u64 + rx.len() as u64;
-                self.stats.abandoned.fetch_add(left, Ordering::Relaxed);
+                self.stats.add(Outcome::Abandoned, left);
                 warn!(
                     records = left,
                     "store still failing at shutdown; unwritten hook records abandoned"
@@ -195,9 +194,7 @@ impl Writer {
     }
 
     fn reject(&self, w: &Write<'_>, e: &StoreError) {
-        self.stats
-            .rejected
-            .fetch_add(w.records(), Ordering::Relaxed);
+        self.stats.add(Outcome::Rejected, w.records());
         // Topic and id say which message it was; the payload stays out of
         // the log.
         match w {
@@ -224,8 +221,8 @@ impl Writer {
                     if std::mem::replace(&mut self.failing, false) {
                         info!("store writable again");
                     }
-                    self.stats.written.fetch_add(w.records(), Ordering::Relaxed);
-                    self.stats.stored.fetch_add(new, Ordering::Relaxed);
+                    self.stats.add(Outcome::Written, w.records());
+                    self.stats.add(Outcome::Stored, new);
                     return Ok(());
                 }
                 Err(e) if e.is_rejection() => return Err(Failed::Rejected(e)),
