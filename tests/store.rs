@@ -348,3 +348,36 @@ async fn reopening_migrates_nothing_twice(t: Target) {
     assert_eq!(again.presence_list("", 10).await.unwrap().total, 1);
     again.close().await;
 }
+
+/// With `sslmode=require` in the URL the store reaches PostgreSQL over TLS
+/// (the driver refuses to go on without it). Skipped, and said so, when
+/// the server has TLS off.
+#[tokio::test]
+async fn postgres_over_tls() {
+    support::with_schema("postgres_over_tls", |url| async move {
+        use sqlx::Connection;
+        let mut plain = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let ssl: String = sqlx::query_scalar("SHOW ssl")
+            .fetch_one(&mut plain)
+            .await
+            .expect("SHOW ssl");
+        if ssl != "on" {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED postgres_over_tls: the server has ssl = {ssl}"
+            );
+            return;
+        }
+        let store = store::open(&format!("{url}&sslmode=require"))
+            .await
+            .expect("open postgres with sslmode=require");
+        store
+            .presence_upsert(presence("alice", "n1"))
+            .await
+            .unwrap();
+        assert_eq!(store.presence_list("", 10).await.unwrap().total, 1);
+        store.close().await;
+    })
+    .await;
+}
