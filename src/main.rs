@@ -334,10 +334,28 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One readable line with its causes, not a backtrace.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by `: `, leaving out a cause whose text
+/// the line already holds (database and TLS errors repeat their source in
+/// their own message, which made the same words appear three times).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -379,4 +397,36 @@ async fn run() -> anyhow::Result<()> {
         Command::BenchHandler(args) => exproto_adapter::bench::reference::serve(args).await?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug)]
+    struct Echoing(std::io::Error);
+
+    impl std::fmt::Display for Echoing {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "database error: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Echoing {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn causes_already_said_are_not_repeated() {
+        let e = anyhow::Error::new(Echoing(std::io::Error::other("bad certificate")))
+            .context("cannot open the store");
+        assert_eq!(
+            one_line(&e),
+            "cannot open the store: database error: bad certificate"
+        );
+        let plain = anyhow::anyhow!("refused").context("cannot connect");
+        assert_eq!(one_line(&plain), "cannot connect: refused");
+    }
 }
