@@ -21,6 +21,16 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 
+/// HTTP/2 connection window for every gRPC link the crate serves or
+/// dials. h2 (0.4.20) sends GOAWAY `ENHANCE_YOUR_CALM "too_many_data_frames"`
+/// once the small DATA frames received but not yet read by the application
+/// exceed a budget of half the connection window (each frame counted at
+/// about 256 bytes). gRPC calls are small frames: with hyper's defaults
+/// (1 MiB serving, 5 MiB dialling) a few thousand calls in flight on one
+/// connection were enough to lose the whole connection, and every call on
+/// it. The window is credit, not memory that is set aside.
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 64 << 20;
+
 /// The encoded descriptors of every vendored .proto file, for gRPC
 /// reflection.
 pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

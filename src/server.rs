@@ -368,6 +368,7 @@ fn serve_inner(
     }
     let router = builder
         .max_concurrent_streams(config.max_concurrent_streams)
+        .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ConnectionUnaryHandlerServer::new(UnaryHandler::new(

@@ -95,6 +95,7 @@ pub async fn serve(args: HandlerArgs) -> anyhow::Result<()> {
             let channel = Endpoint::from_shared(args.emqx.clone())
                 .with_context(|| format!("bad --emqx {:?}", args.emqx))?
                 .tcp_nodelay(true)
+                .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
                 .connect_lazy();
             Some(Arc::new(Echo {
                 client: ConnectionAdapterClient::new(channel),

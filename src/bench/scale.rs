@@ -152,6 +152,7 @@ pub async fn start_fake_gateway(listen: SocketAddr) -> anyhow::Result<FakeGatewa
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
+            .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
             .add_service(svc)
             .serve_with_incoming(incoming)
             .await
@@ -195,6 +196,7 @@ pub type Held = Vec<Box<dyn std::any::Any + Send>>;
 pub async fn establish(plan: &ScalePlan, counts: &Counts) -> anyhow::Result<(Duration, Vec<Held>)> {
     let channel = Endpoint::from_shared(plan.handler_url.clone())?
         .tcp_nodelay(true)
+        .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
         .connect_lazy();
     let start = Instant::now();
     let base = counts.connected.load(Ordering::Relaxed);
@@ -226,8 +228,13 @@ pub async fn establish(plan: &ScalePlan, counts: &Counts) -> anyhow::Result<(Dur
             // connection stalled with many thousands of long-lived streams.
             let pool: Vec<_> = (0..plan.connections.div_ceil(STREAM_CONNS_PER_CHANNEL))
                 .map(|_| {
-                    Endpoint::from_shared(plan.handler_url.clone())
-                        .map(|e| ConnectionHandlerClient::new(e.tcp_nodelay(true).connect_lazy()))
+                    Endpoint::from_shared(plan.handler_url.clone()).map(|e| {
+                        ConnectionHandlerClient::new(
+                            e.tcp_nodelay(true)
+                                .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
+                                .connect_lazy(),
+                        )
+                    })
                 })
                 .collect::<Result<_, _>>()?;
             let mut opened = futures::stream::iter(0..plan.connections)
@@ -364,6 +371,7 @@ pub async fn hop(
 ) -> anyhow::Result<HopOutcome> {
     let channel = Endpoint::from_shared(plan.handler_url.clone())?
         .tcp_nodelay(true)
+        .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
         .connect_lazy();
     let client = ConnectionUnaryHandlerClient::new(channel);
     for i in 0..plan.conns {

@@ -280,6 +280,7 @@ impl AdapterServer {
         let signal = stop.clone().cancelled_owned();
         let task = tokio::spawn(async move {
             if let Err(e) = Server::builder()
+                .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, signal)
                 .await

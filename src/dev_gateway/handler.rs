@@ -89,6 +89,7 @@ impl HandlerClient {
         let channel = Endpoint::from_shared(url.to_owned())?
             .tcp_nodelay(true)
             .connect_timeout(timeout)
+            .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
             .connect_lazy();
         Ok(Self {
             channel,

@@ -55,6 +55,7 @@ impl GrpcAdapter {
         let endpoint = endpoint
             .tcp_nodelay(true)
             .connect_timeout(timeout)
+            .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         Ok(Self::from_channel(endpoint.connect_lazy(), timeout))

@@ -129,6 +129,7 @@ impl Hooks {
         // Hook answers are tiny; Nagle would hold each one back.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = tonic::transport::Server::builder()
+            .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
             .add_service(service::v2::Service::server(self.core.clone()))
             .add_service(service::v3::Service::server(self.core.clone()));
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
