@@ -1,12 +1,13 @@
 //! [`ConnectionAdapter`] over tonic: one shared, lazily connected channel.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::outage::{Line, OutageLog};
 use super::{ConnectionAdapter, EmqxError, Op};
 use crate::pb::connection_adapter_client::ConnectionAdapterClient;
 use crate::pb::{self, ResultCode};
@@ -22,10 +23,17 @@ pub struct GrpcAdapter {
     /// Bounds every call, so a stalled EMQX turns into a 503 instead of a
     /// session that hangs forever.
     timeout: Duration,
-    /// Set while EMQX is unreachable, so an outage is logged once when it
-    /// starts and once when it ends rather than once per call.
+    /// Set while EMQX is unreachable: answered calls check it without a
+    /// lock, and only take `outages` around an outage.
     down: Arc<AtomicBool>,
+    /// When an outage is logged: once when it starts and once when it
+    /// ends, with flapping counted rather than logged.
+    outages: Arc<Mutex<OutageLog>>,
 }
+
+/// After a logged outage, further short outages within this time are
+/// counted rather than logged.
+const OUTAGE_QUIET: Duration = Duration::from_secs(30);
 
 impl GrpcAdapter {
     /// A client for `url` (e.g. `http://127.0.0.1:9100`). Nothing is
@@ -67,15 +75,31 @@ impl GrpcAdapter {
             client: ConnectionAdapterClient::new(channel),
             timeout,
             down: Arc::new(AtomicBool::new(false)),
+            outages: Arc::new(Mutex::new(OutageLog::new(OUTAGE_QUIET))),
         }
     }
 
     fn note_reachable(&self, reachable: bool, detail: &str) {
-        let was_down = self.down.swap(!reachable, Ordering::Relaxed);
-        match (was_down, reachable) {
-            (false, false) => tracing::warn!(error = %detail, "EMQX ConnectionAdapter unreachable"),
-            (true, true) => tracing::info!("EMQX ConnectionAdapter reachable again"),
-            _ => {}
+        if reachable && !self.down.load(Ordering::Relaxed) {
+            return;
+        }
+        let line = {
+            let mut log = self.outages.lock().unwrap_or_else(|e| e.into_inner());
+            let line = log.note(reachable, Instant::now());
+            self.down.store(log.is_down(), Ordering::Relaxed);
+            line
+        };
+        match line {
+            Some(Line::Down { unlogged: 0 }) => {
+                tracing::warn!(error = %detail, "EMQX ConnectionAdapter unreachable")
+            }
+            Some(Line::Down { unlogged }) => tracing::warn!(
+                error = %detail,
+                short_outages_since_last_warning = unlogged,
+                "EMQX ConnectionAdapter unreachable"
+            ),
+            Some(Line::Up) => tracing::info!("EMQX ConnectionAdapter reachable again"),
+            None => {}
         }
     }
 }

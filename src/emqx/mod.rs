@@ -5,6 +5,7 @@
 //! success: callers cannot forget to look at the code.
 
 mod grpc;
+mod outage;
 
 pub use grpc::GrpcAdapter;
 
