@@ -567,12 +567,10 @@ impl Driver {
             };
             let Some(item) = item else {
                 // Nothing more to merge with: send, then look again.
-                let sent = self
-                    .deliver(&entry.conn, Op::Send(out.split().freeze()))
-                    .await;
+                let flow = self.flush(&entry.conn, &mut out).await;
                 self.release(std::mem::take(&mut unsent));
-                if let Err(EmqxError::Gone) = sent {
-                    self.end(&entry, "gone");
+                if let Flow::End(why) = flow {
+                    self.end(&entry, why);
                     return;
                 }
                 continue;
@@ -627,12 +625,8 @@ impl Driver {
         let conn = &entry.conn;
         let event = match item {
             Item::Probe => {
-                if !out.is_empty() {
-                    if let Err(EmqxError::Gone) =
-                        self.deliver(conn, Op::Send(out.split().freeze())).await
-                    {
-                        return Flow::End("gone");
-                    }
+                if let Flow::End(why) = self.flush(conn, out).await {
+                    return Flow::End(why);
                 }
                 return match self.call_emqx(conn, Op::Send(Bytes::new())).await {
                     Err(EmqxError::Gone) => Flow::End("gone (probe)"),
@@ -659,12 +653,10 @@ impl Driver {
             let Some(call) = call else { break };
             let is_close = call == Call::Close;
             // What was said before closing must reach the client first.
-            if (carried || is_close) && !out.is_empty() {
+            if carried || is_close {
                 carried = false;
-                if let Err(EmqxError::Gone) =
-                    self.deliver(conn, Op::Send(out.split().freeze())).await
-                {
-                    return Flow::End("gone");
+                if let Flow::End(why) = self.flush(conn, out).await {
+                    return Flow::End(why);
                 }
             }
             if matches!(call, Call::Who { .. } | Call::History { .. }) {
@@ -699,18 +691,26 @@ impl Driver {
             session.handle(Event::Reply(reply), actions);
         }
         if closed {
-            if !out.is_empty() {
-                if let Err(EmqxError::Gone) =
-                    self.deliver(conn, Op::Send(out.split().freeze())).await
-                {
-                    return Flow::End("gone");
-                }
+            if let Flow::End(why) = self.flush(conn, out).await {
+                return Flow::End(why);
             }
             return Flow::End("closed");
         }
         // Whatever is left in `out` goes with the next queued event's
         // output, or alone once the mailbox is empty (see `work`).
         Flow::Continue
+    }
+
+    /// Sends the output gathered in `out`, if any; ends the session when
+    /// EMQX says the connection is gone.
+    async fn flush(&self, conn: &str, out: &mut BytesMut) -> Flow {
+        if out.is_empty() {
+            return Flow::Continue;
+        }
+        match self.deliver(conn, Op::Send(out.split().freeze())).await {
+            Err(EmqxError::Gone) => Flow::End("gone"),
+            _ => Flow::Continue,
+        }
     }
 
     /// One call to EMQX, in one of the `max_pending_calls` places. Waiting
