@@ -12,7 +12,7 @@ use clap::Args;
 
 use crate::exhook::HookConfig;
 use crate::protocol::chat::topic;
-use crate::protocol::ProtocolConfig;
+use crate::protocol::{ClientidPolicy, ProtocolConfig};
 use crate::server::AdapterConfig;
 use crate::server::PresenceConfig;
 use crate::session::DriverConfig;
@@ -73,6 +73,14 @@ fn parse_list_max(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
+/// Parses `--clientid-policy` (`username` or `any`).
+///
+/// # Errors
+/// Any other word.
+pub fn parse_clientid_policy(s: &str) -> Result<ClientidPolicy, String> {
+    s.trim().parse()
+}
+
 /// Parses a store URL (`sqlite:PATH`, `sqlite::memory:`,
 /// `postgres://...`).
 ///
@@ -127,6 +135,14 @@ pub struct ServeArgs {
     /// lines get `ERR 413` and are skipped.
     #[arg(long, env = "EXPROTO_MAX_LINE", default_value = "65536", value_parser = parse_max_line, value_name = "BYTES")]
     pub max_line: usize,
+
+    /// Which clientid a user may log in as: `username` (with a username,
+    /// the clientid must be the username or the username, `/` and a
+    /// suffix, e.g. `alice/phone`; without one any clientid goes) or `any`
+    /// (no rule: for anonymous listeners, or when EMQX binds the identity
+    /// itself). Others get `ERR 403 :clientid not allowed for this user`.
+    #[arg(long, env = "EXPROTO_CLIENTID_POLICY", default_value = "username", value_parser = parse_clientid_policy, value_name = "POLICY")]
+    pub clientid_policy: ClientidPolicy,
 
     /// Subscriptions one connection may hold; over it `SUB` gets `ERR 429`.
     #[arg(long, env = "EXPROTO_MAX_SUBSCRIPTIONS", default_value_t = 100)]
@@ -321,6 +337,7 @@ impl ServeArgs {
                 presence_history: presence.is_some(),
                 who_max: self.who_max,
                 history_max: self.history_max,
+                clientid_policy: self.clientid_policy,
             },
             driver: DriverConfig {
                 send_retry: self.send_retry,
@@ -334,6 +351,7 @@ impl ServeArgs {
                 // A call may wait for a place as long as it may wait for
                 // EMQX: either way the command ends in a 503 in time.
                 pending_wait: self.call_timeout,
+                ..DriverConfig::default()
             },
             max_concurrent_streams: (self.max_streams > 0).then_some(self.max_streams),
             shutdown_grace: self.shutdown_grace,
@@ -392,6 +410,17 @@ mod tests {
         assert!(c.presence.is_none());
         assert!(!c.protocol.presence_history);
         assert_eq!((c.protocol.who_max, c.protocol.history_max), (100, 100));
+        assert_eq!(c.protocol.clientid_policy, ClientidPolicy::Username);
+    }
+
+    #[test]
+    fn clientid_policy_flag() {
+        let c = serve_args(&["--clientid-policy", "any"])
+            .unwrap()
+            .to_config();
+        assert_eq!(c.protocol.clientid_policy, ClientidPolicy::Any);
+        let e = serve_args(&["--clientid-policy", "nobody"]).unwrap_err();
+        assert!(e.to_string().contains("use `username` or `any`"), "{e}");
     }
 
     fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {

@@ -5,8 +5,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
-use exproto_adapter::config::{parse_seconds, parse_store, ServeArgs};
+use exproto_adapter::config::{parse_clientid_policy, parse_seconds, parse_store, ServeArgs};
 use exproto_adapter::dev_gateway::{DevGateway, GatewayArgs};
+use exproto_adapter::protocol::ClientidPolicy;
 use exproto_adapter::store::StoreUrl;
 use exproto_adapter::{config_file, server, telemetry};
 
@@ -86,6 +87,11 @@ struct DemoArgs {
     #[arg(long, env = "EXPROTO_LOGIN_TIMEOUT", default_value = "30", value_parser = parse_seconds, value_name = "SECONDS")]
     login_timeout: std::time::Duration,
 
+    /// Which clientid a user may log in as: `username` (the username, or
+    /// the username, `/` and a suffix) or `any`; see `serve --help`.
+    #[arg(long, env = "EXPROTO_CLIENTID_POLICY", default_value = "username", value_parser = parse_clientid_policy, value_name = "POLICY")]
+    clientid_policy: ClientidPolicy,
+
     /// Serve the adapter's Prometheus metrics on this address.
     #[arg(long, env = "EXPROTO_METRICS", value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
@@ -159,6 +165,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         emqx: format!("http://{}", args.gateway.adapter_listen),
         keepalive: args.keepalive,
         login_timeout: args.login_timeout,
+        clientid_policy: args.clientid_policy,
         // Port 0: the gateway is told the port, nothing else needs it, and
         // a `serve --exhook-listen` elsewhere keeps its own.
         exhook_listen: (!args.no_presence).then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -34,6 +34,8 @@ pub struct AdapterConfig {
     pub call_timeout: Duration,
     /// A built-in protocol's name (see [`protocol::NAMES`]).
     pub protocol_name: String,
+    /// The protocol's settings. Its `clientid_policy` binds the driver too
+    /// (which checks every protocol's Authenticate), whatever `driver` says.
     pub protocol: ProtocolConfig,
     pub driver: DriverConfig,
     /// HTTP/2 streams per EMQX connection; `None` is unlimited. Streaming
@@ -338,7 +340,11 @@ fn serve_inner(
         .as_ref()
         .map(crate::tls::server_config)
         .transpose()?;
-    let driver = Driver::with_store(protocol, emqx, config.driver.clone(), store);
+    let driver_config = DriverConfig {
+        clientid_policy: config.protocol.clientid_policy,
+        ..config.driver.clone()
+    };
+    let driver = Driver::with_store(protocol, emqx, driver_config, store);
     let (stop, stopped) = oneshot::channel::<()>();
     // tonic does not apply its own tcp_nodelay to an incoming stream we
     // hand it; Nagle would add tens of ms to every small reply.

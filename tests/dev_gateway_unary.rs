@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dev_gateway_support::*;
-use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig, Users};
+use exproto_adapter::dev_gateway::{DevGateway, EmqxCompat, GatewayConfig, Users};
 use exproto_adapter::pb;
 use exproto_adapter::pb::ResultCode;
 
@@ -23,8 +23,8 @@ fn auth(conn: &str, clientid: &str) -> pb::AuthenticateRequest {
     pb::AuthenticateRequest {
         conn: conn.to_owned(),
         clientinfo: Some(pb::ClientInfo {
-            proto_name: "chat".into(),
-            proto_ver: "1".into(),
+            proto_name: "exproto".into(),
+            proto_ver: "chat/1".into(),
             clientid: clientid.into(),
             username: String::new(),
             mountpoint: String::new(),
@@ -519,6 +519,42 @@ async fn users_file_and_deny_rules() {
     assert_eq!(c.ask("PUB chat/lobby fine").await, "PUB 0");
     assert_eq!(c.line().await, "MSG chat/lobby alice 0 fine");
     s.gw.shutdown().await;
+}
+
+/// The pitfall of EMQX 5.8.8 and later, reproduced: a `proto_name` other
+/// than `exproto` skips authentication there, while 5.1 still checks it.
+#[tokio::test]
+async fn the_authentication_chain_follows_proto_name_per_emqx_release() {
+    for compat in [EmqxCompat::V5_1, EmqxCompat::V5_8] {
+        let s = scripted(|c| {
+            c.users = Some(Users::parse("bob hunter2\n").unwrap());
+            c.emqx_compat = compat;
+        })
+        .await;
+        let (mut c, _) = Client::hello(s.gw.client_addr()).await;
+        // `exproto` meets the users file on both.
+        assert_eq!(c.ask("AUTH bob bob wrong").await, "AUTH 5 not_authorized");
+        assert_eq!(
+            c.ask("AUTHAS exproto bob bob wrong").await,
+            "AUTH 5 not_authorized"
+        );
+        // Another gateway's chain is empty, on both: anyone gets in.
+        let (mut other, _) = Client::hello(s.gw.client_addr()).await;
+        assert_eq!(other.ask("AUTHAS mqtt m nobody x").await, "AUTH 0");
+        // An unknown name: checked on 5.1, waved through on 5.8.
+        let want = match compat {
+            EmqxCompat::V5_1 => "AUTH 5 not_authorized",
+            EmqxCompat::V5_8 => "AUTH 0",
+        };
+        assert_eq!(
+            c.ask("AUTHAS chat sbad bob wrong").await,
+            want,
+            "{compat:?}"
+        );
+        let (mut anon, _) = Client::hello(s.gw.client_addr()).await;
+        assert_eq!(anon.ask("AUTHAS chat nobody").await, want, "{compat:?}");
+        s.gw.shutdown().await;
+    }
 }
 
 #[tokio::test]

@@ -29,7 +29,7 @@ async fn a_whole_session_through_the_unary_service() {
     let auth = h.emqx.called("c1", "Authenticate").await;
     assert_eq!(
         auth.detail,
-        "chat/1 clientid=alice username=alice password=s3cret"
+        "proto_name=exproto proto_ver=chat/1 clientid=alice username=alice password=s3cret"
     );
     let timer = h.emqx.called("c1", "StartTimer").await;
     assert_eq!(timer.detail, "type=0 interval=60");
@@ -106,7 +106,7 @@ async fn a_thousand_lines_in_one_chunk_are_few_sends() {
 async fn emqx_refusals_become_err_lines_not_grpc_errors() {
     let h = Harness::start().await;
     h.created("c").await;
-    h.bytes("c", "CONNECT x bad pw\nCONNECT boom\nSUB t\nCONNECT x\n")
+    h.bytes("c", "CONNECT bad bad pw\nCONNECT boom\nSUB t\nCONNECT x\n")
         .await;
     h.bytes("c", "SUB deny/x\nPUB deny/x :m\nSUB boom/x\nSUB ok 2\n")
         .await;

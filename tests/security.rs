@@ -60,7 +60,7 @@ async fn a_refused_or_failed_connect_grants_nothing() {
     h.created("c").await;
     // Refused by EMQX (username `bad`), failed (clientid `boom`), and
     // EMQX unreachable: each leaves the client not connected.
-    h.bytes("c", "CONNECT x bad pw\nSUB a\nPUB a :x\nUNSUB a\n")
+    h.bytes("c", "CONNECT bad bad pw\nSUB a\nPUB a :x\nUNSUB a\n")
         .await;
     h.bytes("c", "CONNECT boom\nSUB a\nPUB a :x\n").await;
     let lines = h.emqx.lines("c", 8).await;
@@ -135,8 +135,9 @@ async fn passwords_never_reach_the_logs() {
     h.created("c").await;
     // Accepted, refused, failed, over-long and malformed CONNECTs, each
     // with the password.
-    h.bytes("c", format!("CONNECT x bad {PASSWORD}\n")).await;
-    h.bytes("c", format!("CONNECT boom u {PASSWORD}\n")).await;
+    h.bytes("c", format!("CONNECT bad bad {PASSWORD}\n")).await;
+    h.bytes("c", format!("CONNECT boom boom {PASSWORD}\n"))
+        .await;
     h.bytes("c", format!("CONNECT a u {PASSWORD} extra\n"))
         .await;
     h.bytes("c", format!("CONNECT a u {PASSWORD}\\x00\n")).await;
@@ -149,11 +150,11 @@ async fn passwords_never_reach_the_logs() {
     h.created("d").await;
     h.emqx.lines("d", 1).await;
     h.emqx.set_down(true);
-    h.bytes("d", format!("LOGIN d u {PASSWORD}\n")).await;
+    h.bytes("d", format!("LOGIN u u {PASSWORD}\n")).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.emqx.set_down(false);
     // A conn the adapter does not know, sending a password.
-    h.bytes("ghost", format!("CONNECT g u {PASSWORD}\n")).await;
+    h.bytes("ghost", format!("CONNECT u u {PASSWORD}\n")).await;
     h.emqx.called("ghost", "Close").await;
     // The password did reach EMQX, where it belongs.
     let auth = h.emqx.called("c", "Authenticate").await;
@@ -216,11 +217,12 @@ async fn every_call_carries_the_conn_of_the_session_that_asked() {
         [
             (
                 "conn-A".to_string(),
-                "chat/1 clientid=alice username= password=".to_string()
+                "proto_name=exproto proto_ver=chat/1 clientid=alice username= password="
+                    .to_string()
             ),
             (
                 "conn-B".to_string(),
-                "chat/1 clientid=bob username= password=".to_string()
+                "proto_name=exproto proto_ver=chat/1 clientid=bob username= password=".to_string()
             ),
         ]
     );

@@ -17,7 +17,14 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use exproto_adapter::protocol::{
-    Action, Call, CallResult, Event, Protocol, Secret, Session, SessionInit,
+    Action, Call, CallResult, Event, ProtoVer, Protocol, Secret, Session, SessionInit,
+};
+
+/// EMQX's client list shows `binproto/1` as the protocol version; the
+/// protocol name EMQX sees is `exproto`, whatever the protocol.
+pub const PROTO_VER: ProtoVer = ProtoVer {
+    name: "binproto",
+    version: "1",
 };
 
 pub const CONNECT: u8 = 0x01;
@@ -41,7 +48,7 @@ pub struct BinProto;
 
 impl Protocol for BinProto {
     fn name(&self) -> &'static str {
-        "binproto"
+        PROTO_VER.name
     }
 
     fn new_session(&self, _init: SessionInit) -> Box<dyn Session> {
@@ -129,8 +136,7 @@ impl BinSession {
                 Ok(id) if !id.is_empty() && !self.connected => {
                     self.connecting = true;
                     Step::Call(Call::Authenticate {
-                        proto_name: "binproto".into(),
-                        proto_ver: "1".into(),
+                        protocol: PROTO_VER,
                         clientid: id.to_string(),
                         username: String::new(),
                         password: Secret::default(),

@@ -2,6 +2,12 @@
 //! authorization sources would answer them: a users file for the first, deny
 //! rules for the second. Both are optional; without them anyone may connect,
 //! publish and subscribe, as with a listener that has no authenticator.
+//!
+//! The users file is the gateway's own chain (`gateway.exproto.
+//! authentication`), and like EMQX the gateway reaches it only through the
+//! `proto_name` of `Authenticate` ([`chain_for`]): with another name a
+//! client meets another chain, or none, and gets in without a password. An
+//! adapter that sends the wrong name fails the tests instead of shipping.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -147,19 +153,105 @@ impl fmt::Display for DenyRule {
     }
 }
 
+/// Which EMQX release's authentication the gateway behaves like
+/// (`--emqx-compat`): they pick the chain from `proto_name` differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EmqxCompat {
+    /// EMQX 5.1.0 to 5.8.7: any name but another gateway's meets the
+    /// gateway's chain (`'unknown:global'`).
+    #[value(name = "5.1")]
+    V5_1,
+    /// EMQX 5.8.8 and later: only `exproto` meets the gateway's chain; an
+    /// unknown name fails inside the authenticate hook, which EMQX logs
+    /// (`failed_to_execute`) and then lets the client in.
+    #[default]
+    #[value(name = "5.8")]
+    V5_8,
+}
+
+/// The authentication chain an `Authenticate` meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chain {
+    /// `gateway.exproto.authentication`: the users file.
+    Gateway,
+    /// Another protocol's global chain (`mqtt:global`, ...), which the dev
+    /// gateway leaves empty, so anyone gets in, as EMQX lets anyone
+    /// through an empty chain.
+    Other(&'static str),
+    /// No chain at all: EMQX 5.8.8+ raises `invalid_protocol_name` inside
+    /// the hook, and the hook's failure counts as "no authenticator".
+    Invalid,
+}
+
+/// EMQX's choice of chain for `proto_name` (`emqx_exproto_channel:
+/// proto_name_to_protocol/1`, then `global_chain/1` of the authn app).
+pub(crate) fn chain_for(compat: EmqxCompat, proto_name: &str) -> Chain {
+    // Every version maps these gateways' names to chains of their own.
+    const OTHERS_5_1: &[&str] = &["mqtt", "mqtt-sn", "coap", "lwm2m", "stomp"];
+    const OTHERS_5_8: &[&str] = &[
+        "mqtt", "mqtt-sn", "coap", "lwm2m", "stomp", "ocpp", "gbt32960", "jt808",
+    ];
+    // An empty name stands for `exproto` in both.
+    let name = if proto_name.is_empty() {
+        "exproto"
+    } else {
+        proto_name
+    };
+    let others = match compat {
+        EmqxCompat::V5_1 => OTHERS_5_1,
+        EmqxCompat::V5_8 => OTHERS_5_8,
+    };
+    if let Some(other) = others.iter().find(|o| **o == name) {
+        return Chain::Other(other);
+    }
+    match compat {
+        EmqxCompat::V5_1 => Chain::Gateway,
+        EmqxCompat::V5_8 if name == "exproto" => Chain::Gateway,
+        EmqxCompat::V5_8 => Chain::Invalid,
+    }
+}
+
 /// The access decisions of one gateway.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Access {
     pub users: Option<Users>,
     pub deny: Vec<DenyRule>,
+    pub compat: EmqxCompat,
 }
 
 impl Access {
     /// `Ok` or EMQX's authentication failure reason in printed form.
-    pub fn authenticate(&self, username: &str, password: &str) -> Result<(), &'static str> {
-        match &self.users {
-            Some(users) if !users.check(username, password) => Err("not_authorized"),
-            _ => Ok(()),
+    pub fn authenticate(
+        &self,
+        proto_name: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<(), &'static str> {
+        match chain_for(self.compat, proto_name) {
+            Chain::Gateway => match &self.users {
+                Some(users) if !users.check(username, password) => Err("not_authorized"),
+                _ => Ok(()),
+            },
+            Chain::Other(chain) => {
+                tracing::info!(
+                    proto_name,
+                    chain = %format_args!("{chain}:global"),
+                    "authenticated by another protocol's chain, which is empty: anyone gets in"
+                );
+                Ok(())
+            }
+            Chain::Invalid => {
+                // EMQX's own words (`emqx_hooks:safe_execute/2`), so a log
+                // search that finds them behind EMQX finds them here too.
+                tracing::error!(
+                    exception = "error",
+                    reason = "invalid_protocol_name",
+                    proto_name,
+                    hook = "client.authenticate",
+                    "failed_to_execute"
+                );
+                Ok(())
+            }
         }
     }
 
@@ -225,15 +317,19 @@ mod tests {
     fn access_decisions() {
         let access = Access {
             users: Some(Users::parse("alice pw").unwrap()),
+            compat: EmqxCompat::V5_8,
             deny: vec![
                 "publish:chat/secret/#".parse().unwrap(),
                 "subscribe:admin/#".parse().unwrap(),
                 "all:private".parse().unwrap(),
             ],
         };
-        assert!(access.authenticate("alice", "pw").is_ok());
-        assert_eq!(access.authenticate("alice", "x"), Err("not_authorized"));
-        assert!(access.authenticate("", "").is_err());
+        assert!(access.authenticate("exproto", "alice", "pw").is_ok());
+        assert_eq!(
+            access.authenticate("exproto", "alice", "x"),
+            Err("not_authorized")
+        );
+        assert!(access.authenticate("exproto", "", "").is_err());
         assert!(access.publish_denied("chat/secret/x"));
         assert!(!access.publish_denied("chat/lobby"));
         assert!(!access.subscribe_denied("chat/secret/x"));
@@ -242,6 +338,50 @@ mod tests {
         assert!(!access.subscribe_denied("#"));
         assert!(access.publish_denied("private"));
         assert!(access.subscribe_denied("private"));
-        assert!(Access::default().authenticate("any", "").is_ok());
+        assert!(Access::default().authenticate("exproto", "any", "").is_ok());
+    }
+
+    #[test]
+    fn the_chain_follows_proto_name_as_each_emqx_release_does() {
+        use EmqxCompat::{V5_1, V5_8};
+        for compat in [V5_1, V5_8] {
+            assert_eq!(chain_for(compat, "exproto"), Chain::Gateway);
+            assert_eq!(chain_for(compat, ""), Chain::Gateway, "empty is exproto");
+            assert_eq!(chain_for(compat, "mqtt"), Chain::Other("mqtt"));
+            assert_eq!(chain_for(compat, "mqtt-sn"), Chain::Other("mqtt-sn"));
+        }
+        assert_eq!(chain_for(V5_1, "chat"), Chain::Gateway);
+        assert_eq!(chain_for(V5_8, "chat"), Chain::Invalid);
+        assert_eq!(chain_for(V5_1, "ocpp"), Chain::Gateway);
+        assert_eq!(chain_for(V5_8, "ocpp"), Chain::Other("ocpp"));
+        assert_eq!(
+            chain_for(V5_8, "Exproto"),
+            Chain::Invalid,
+            "atoms are exact"
+        );
+        assert_eq!(EmqxCompat::default(), V5_8);
+    }
+
+    #[test]
+    fn a_wrong_proto_name_on_5_8_lets_every_password_in() {
+        let users = Some(Users::parse("bob hunter2").unwrap());
+        let v58 = Access {
+            users: users.clone(),
+            compat: EmqxCompat::V5_8,
+            ..Access::default()
+        };
+        let v51 = Access {
+            users,
+            compat: EmqxCompat::V5_1,
+            ..Access::default()
+        };
+        assert!(v58.authenticate("chat", "bob", "wrong").is_ok());
+        assert!(v58.authenticate("chat", "", "").is_ok());
+        assert!(v58.authenticate("exproto", "bob", "wrong").is_err());
+        assert!(v51.authenticate("chat", "bob", "wrong").is_err());
+        assert!(v51.authenticate("exproto", "bob", "wrong").is_err());
+        assert!(v51.authenticate("exproto", "bob", "hunter2").is_ok());
+        // Another gateway's chain is empty here: EMQX lets anyone through.
+        assert!(v51.authenticate("mqtt", "bob", "wrong").is_ok());
     }
 }

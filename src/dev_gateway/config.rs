@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::auth::{DenyRule, Users};
+use super::auth::{DenyRule, EmqxCompat, Users};
 
 /// Which of the two handler services EMQX calls (`handler.service_name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub call_timeout: Duration,
     /// Known users; `None` accepts any credentials.
     pub users: Option<Users>,
+    /// Which EMQX release's choice of authentication chain to follow.
+    pub emqx_compat: EmqxCompat,
     /// Authorization rules for Publish and Subscribe.
     pub deny: Vec<DenyRule>,
     /// `mqtt://[user[:password]@]host[:port]`: route pub/sub through this
@@ -82,6 +84,7 @@ impl Default for GatewayConfig {
             handler_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(5),
             users: None,
+            emqx_compat: EmqxCompat::default(),
             deny: Vec::new(),
             mqtt: None,
             node: "emqx@127.0.0.1".to_owned(),
@@ -197,6 +200,21 @@ pub struct GatewayArgs {
     #[arg(long, env = "EXPROTO_GATEWAY_USERS", value_name = "FILE")]
     pub users: Option<PathBuf>,
 
+    /// Which EMQX release to behave like where they differ: `5.8` (5.8.8 and
+    /// later, the default) or `5.1` (5.1.0 to 5.8.7). They choose the
+    /// authentication chain by the `proto_name` of Authenticate: on both,
+    /// `exproto` meets --users; on 5.1 so does any name but another
+    /// gateway's, while on 5.8 an unknown name skips authentication
+    /// altogether (EMQX logs `failed_to_execute` and lets anyone in).
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_EMQX_COMPAT",
+        value_enum,
+        value_name = "VERSION",
+        default_value_t = EmqxCompat::V5_8
+    )]
+    pub emqx_compat: EmqxCompat,
+
     /// Refuse Publish and/or Subscribe with PERMISSION_DENY ("Authorization
     /// deny") on matching topics: `publish:FILTER`, `subscribe:FILTER` or
     /// `all:FILTER`, e.g. `publish:chat/secret/#`. Repeat the flag for more
@@ -252,6 +270,7 @@ impl GatewayArgs {
             created_late: self.created_late,
             idle_timeout: Duration::from_secs(self.idle_timeout),
             users,
+            emqx_compat: self.emqx_compat,
             deny: self.deny,
             mqtt: self.mqtt,
             node: self.node,
@@ -347,6 +366,22 @@ mod tests {
         assert_eq!(cfg.handler_mode, HandlerMode::Unary);
         assert_eq!(cfg.idle_timeout, Duration::from_secs(30));
         assert!(cfg.users.is_none() && cfg.deny.is_empty() && cfg.mqtt.is_none());
+        assert_eq!(cfg.emqx_compat, EmqxCompat::V5_8);
+    }
+
+    #[test]
+    fn emqx_compat_names_the_release() {
+        let cfg = Cli::parse_from(["x", "--emqx-compat", "5.1"])
+            .gw
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.emqx_compat, EmqxCompat::V5_1);
+        let cfg = Cli::parse_from(["x", "--emqx-compat", "5.8"])
+            .gw
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.emqx_compat, EmqxCompat::V5_8);
+        assert!(Cli::try_parse_from(["x", "--emqx-compat", "4.4"]).is_err());
     }
 
     #[test]
@@ -411,6 +446,7 @@ mod tests {
             "created-late",
             "idle-timeout",
             "users",
+            "emqx-compat",
             "deny",
             "mqtt",
             "exhook",

@@ -649,7 +649,11 @@ impl Conn {
             return codes::permission_deny("<<\"Duplicated authenticate command\">>");
         }
         let clientid = info.clientid;
-        if let Err(reason) = self.shared.access.authenticate(&info.username, password) {
+        if let Err(reason) =
+            self.shared
+                .access
+                .authenticate(&info.proto_name, &info.username, password)
+        {
             tracing::info!(%clientid, username = %info.username, "authentication refused");
             return codes::permission_deny(reason);
         }

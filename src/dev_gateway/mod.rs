@@ -48,7 +48,7 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-pub use self::auth::{AuthConfigError, DenyAction, DenyRule, Secret, Users};
+pub use self::auth::{AuthConfigError, DenyAction, DenyRule, EmqxCompat, Secret, Users};
 pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode};
 pub use self::exhook::ExhookStats;
 pub use self::faults::{Fault, Faults, Method};
@@ -154,6 +154,7 @@ impl DevGateway {
             access: Access {
                 users: cfg.users.clone(),
                 deny: cfg.deny.clone(),
+                compat: cfg.emqx_compat,
             },
             cfg,
             registry: Registry::new(),
@@ -177,6 +178,7 @@ impl DevGateway {
             adapter = %adapter.addr(),
             handler = %shared.cfg.handler,
             mode = ?shared.cfg.handler_mode,
+            emqx_compat = ?shared.cfg.emqx_compat,
             mqtt = shared.cfg.mqtt.is_some(),
             exhook = shared.cfg.exhook.as_deref().unwrap_or("off"),
             "dev gateway started"

@@ -11,7 +11,7 @@ use super::outage::{Line, OutageLog};
 use super::{ConnectionAdapter, EmqxError, Op};
 use crate::pb::connection_adapter_client::ConnectionAdapterClient;
 use crate::pb::{self, ResultCode};
-use crate::protocol::Call;
+use crate::protocol::{Call, EMQX_PROTO_NAME};
 use crate::telemetry;
 
 /// EMQX's ConnectionAdapter reached over gRPC.
@@ -143,8 +143,7 @@ impl ConnectionAdapter for GrpcAdapter {
                     Op::Call(call) => match call {
                         Call::Close => client.close(pb::CloseSocketRequest { conn }).await,
                         Call::Authenticate {
-                            proto_name,
-                            proto_ver,
+                            protocol,
                             clientid,
                             username,
                             password,
@@ -153,8 +152,8 @@ impl ConnectionAdapter for GrpcAdapter {
                                 .authenticate(pb::AuthenticateRequest {
                                     conn,
                                     clientinfo: Some(pb::ClientInfo {
-                                        proto_name,
-                                        proto_ver,
+                                        proto_name: EMQX_PROTO_NAME.to_owned(),
+                                        proto_ver: protocol.to_string(),
                                         clientid,
                                         username,
                                         mountpoint: String::new(),

@@ -94,12 +94,39 @@ pub enum CallResult {
     History(Vec<Message>),
 }
 
+/// The `proto_name` of every `Authenticate`, whatever the protocol.
+///
+/// EMQX chooses the authentication chain by it. Since EMQX 5.8.8 any name
+/// but a gateway's own makes that lookup fail inside the authenticate hook,
+/// which EMQX logs and then treats as "no authenticator": every password
+/// would be accepted. `exproto` selects `gateway.exproto.authentication` on
+/// every EMQX version from 5.1.0 on, so no protocol may choose another.
+pub const EMQX_PROTO_NAME: &str = "exproto";
+
+/// A protocol's name and version as EMQX's client list shows them: sent as
+/// `proto_ver` (`chat/1`), since `proto_name` is always
+/// [`EMQX_PROTO_NAME`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtoVer {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+impl std::fmt::Display for ProtoVer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.name, self.version)
+    }
+}
+
 /// A call to EMQX's ConnectionAdapter for this connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
+    /// Log in. There is no `proto_name` here on purpose: see
+    /// [`EMQX_PROTO_NAME`]. The driver refuses, without asking EMQX, a
+    /// clientid that the [`ClientidPolicy`] does not allow.
     Authenticate {
-        proto_name: String,
-        proto_ver: String,
+        /// Sent as `proto_ver`.
+        protocol: ProtoVer,
         clientid: String,
         username: String,
         password: Secret,
@@ -210,6 +237,43 @@ pub struct ProtocolConfig {
     pub who_max: usize,
     /// Messages one `HISTORY` replays at most.
     pub history_max: usize,
+    /// Which clientids a user may take (`--clientid-policy`).
+    pub clientid_policy: ClientidPolicy,
+}
+
+/// Which clientid a logged-in user may take. EMQX discards the older
+/// connection of a clientid that logs in again, and in a chat the clientid
+/// is the name others see: without a rule, any user could pose as another
+/// and kick them off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientidPolicy {
+    /// With a username, the clientid is the username, or the username, `/`
+    /// and a suffix (`alice`, `alice/phone`), so one user may hold several
+    /// sessions. Without a username any clientid goes.
+    #[default]
+    Username,
+    /// Any clientid: for anonymous listeners, or when EMQX binds the
+    /// identity itself (e.g. authentication with `user_id_type = clientid`).
+    Any,
+}
+
+impl ClientidPolicy {
+    /// The names `--clientid-policy` takes.
+    pub const NAMES: &'static [&'static str] = &["username", "any"];
+
+    /// Whether a user who logs in as `username` (empty: none) may take
+    /// `clientid`.
+    pub fn allows(self, clientid: &str, username: &str) -> bool {
+        match self {
+            ClientidPolicy::Any => true,
+            ClientidPolicy::Username if username.is_empty() => true,
+            ClientidPolicy::Username => match clientid.strip_prefix(username) {
+                Some("") => true,
+                Some(rest) => rest.len() > 1 && rest.starts_with('/'),
+                None => false,
+            },
+        }
+    }
 }
 
 impl Default for ProtocolConfig {
@@ -223,12 +287,17 @@ impl Default for ProtocolConfig {
             presence_history: false,
             who_max: 100,
             history_max: 100,
+            clientid_policy: ClientidPolicy::Username,
         }
     }
 }
 
 /// A protocol: a factory of sessions plus the words for edge cases the
 /// driver handles without a session.
+///
+/// Its sessions log in with [`Call::Authenticate`], which carries the
+/// protocol's name and version as EMQX's `proto_ver`; the `proto_name` is
+/// always [`EMQX_PROTO_NAME`], and a protocol cannot choose another.
 pub trait Protocol: Send + Sync + 'static {
     /// The name used with `--protocol`.
     fn name(&self) -> &'static str;
@@ -253,6 +322,27 @@ pub enum Refusal {
     TooManyConnections,
     /// The adapter is shutting down.
     ShuttingDown,
+}
+
+impl std::str::FromStr for ClientidPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "username" => Ok(Self::Username),
+            "any" => Ok(Self::Any),
+            _ => Err(format!("{s:?}: use `username` or `any`")),
+        }
+    }
+}
+
+impl std::fmt::Display for ClientidPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Username => "username",
+            Self::Any => "any",
+        })
+    }
 }
 
 /// Names accepted by [`by_name`].
@@ -283,5 +373,46 @@ impl Secret {
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(***)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_username_policy_allows_the_username_and_its_suffixes() {
+        let p = ClientidPolicy::Username;
+        assert!(p.allows("alice", "alice"));
+        assert!(p.allows("alice/phone", "alice"));
+        assert!(p.allows("alice/a/b", "alice"));
+        assert!(!p.allows("alice/", "alice"), "an empty suffix is no suffix");
+        assert!(!p.allows("alicex", "alice"));
+        assert!(!p.allows("alic", "alice"));
+        assert!(!p.allows("bob", "alice"));
+        assert!(!p.allows("x/alice", "alice"));
+        assert!(!p.allows("", "alice"));
+        // Anonymous: nothing to bind the clientid to.
+        assert!(p.allows("alice", ""));
+        assert!(ClientidPolicy::Any.allows("alice", "bob"));
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for name in ClientidPolicy::NAMES {
+            let p: ClientidPolicy = name.parse().unwrap();
+            assert_eq!(p.to_string(), *name);
+        }
+        assert!("Username".parse::<ClientidPolicy>().is_err());
+        assert_eq!(ClientidPolicy::default(), ClientidPolicy::Username);
+    }
+
+    #[test]
+    fn proto_ver_names_protocol_and_version() {
+        let v = ProtoVer {
+            name: "chat",
+            version: "1",
+        };
+        assert_eq!(v.to_string(), "chat/1");
     }
 }

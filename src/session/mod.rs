@@ -34,12 +34,17 @@ use tracing::{debug, info, warn};
 
 use crate::emqx::{ConnectionAdapter, EmqxError, Op};
 use crate::protocol::{
-    Action, Call, CallResult, Event, Message, Protocol, Refusal, Session, SessionInit,
+    Action, Call, CallResult, ClientidPolicy, Event, Message, Protocol, Refusal, Session,
+    SessionInit,
 };
 use crate::registry::{Entry, Item, Orphan, Registry};
 use crate::store::Store;
 use crate::telemetry;
 use timers::Timers;
+
+/// The reason of the refusal the driver gives an `Authenticate` that the
+/// clientid policy does not allow.
+pub const CLIENTID_NOT_ALLOWED: &str = "clientid not allowed for this user";
 
 /// How the driver treats EMQX and connections; see the CLI for each.
 #[derive(Debug, Clone)]
@@ -73,6 +78,11 @@ pub struct DriverConfig {
     /// How long a call waits for one of those places before it fails as
     /// if EMQX were unreachable (the command gets its 503).
     pub pending_wait: Duration,
+    /// Which clientids a user may log in as. Protocols check it to word
+    /// their refusal; the driver checks it again for every `Authenticate`,
+    /// so no protocol can let a user take another's clientid. The server
+    /// sets it from the protocol's config, so the two agree.
+    pub clientid_policy: ClientidPolicy,
 }
 
 impl Default for DriverConfig {
@@ -87,6 +97,7 @@ impl Default for DriverConfig {
             max_sessions: 100_000,
             max_pending_calls: 1024,
             pending_wait: Duration::from_secs(5),
+            clientid_policy: ClientidPolicy::default(),
         }
     }
 }
@@ -657,6 +668,18 @@ impl Driver {
                 carried = false;
                 if let Flow::End(why) = self.flush(conn, out).await {
                     return Flow::End(why);
+                }
+            }
+            if let Call::Authenticate {
+                clientid, username, ..
+            } = &call
+            {
+                if !self.config.clientid_policy.allows(clientid, username) {
+                    info!(%conn, %clientid, %username, "clientid not allowed for this user");
+                    session.set_time(self.registry.now_ms());
+                    let refused = CallResult::Denied(CLIENTID_NOT_ALLOWED.into());
+                    session.handle(Event::Reply(refused), actions);
+                    continue;
                 }
             }
             if matches!(call, Call::Who { .. } | Call::History { .. }) {

@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::protocol::{ConnMeta, Refusal, Secret};
+use crate::protocol::{ConnMeta, ProtoVer, Refusal, Secret};
 
 /// A protocol small enough to predict: echoes bytes, `call` makes one EMQX
 /// call, `quit` says bye and closes, `auth` authenticates.
@@ -44,11 +44,12 @@ impl Session for ToySession {
                 }));
                 self.waiting = true;
             }
-            Event::Bytes(b) if &b[..] == b"auth" => {
+            Event::Bytes(b) if &b[..] == b"auth" || &b[..] == b"steal" => {
+                // `steal` logs in as a clientid that is not the user's.
+                let clientid = if &b[..] == b"auth" { "u/c" } else { "bob" };
                 out.push(Action::Call(Call::Authenticate {
-                    proto_name: "toy".into(),
-                    proto_ver: "1".into(),
-                    clientid: "c".into(),
+                    protocol: TOY,
+                    clientid: clientid.into(),
                     username: "u".into(),
                     password: Secret::new("pw"),
                 }));
@@ -93,6 +94,11 @@ impl Session for ToySession {
         }
     }
 }
+
+const TOY: ProtoVer = ProtoVer {
+    name: "toy",
+    version: "1",
+};
 
 type Script = Box<dyn Fn(&str, &Op) -> Result<(), EmqxError> + Send + Sync>;
 
@@ -233,6 +239,39 @@ async fn call_results_reach_the_session() {
     f.bytes("c", "auth", false).await;
     f.next_call().await;
     assert_eq!(f.next_call().await.1, send("after Failed(\"boom\")\n"));
+}
+
+#[tokio::test]
+async fn the_driver_refuses_a_clientid_the_policy_forbids_without_asking_emqx() {
+    let mut f = fixture(DriverConfig::default());
+    f.create("c").await;
+    f.next_call().await;
+    f.bytes("c", "steal", false).await;
+    // The next call is the refusal's reply; no Authenticate came first.
+    assert_eq!(
+        f.next_call().await.1,
+        send("after Denied(\"clientid not allowed for this user\")\n")
+    );
+    f.bytes("c", "auth", false).await;
+    let (_, op) = f.next_call().await;
+    assert!(
+        matches!(&op, Op::Call(Call::Authenticate { clientid, protocol, .. })
+            if clientid == "u/c" && *protocol == TOY),
+        "{op:?}"
+    );
+
+    let mut f = fixture(DriverConfig {
+        clientid_policy: ClientidPolicy::Any,
+        ..DriverConfig::default()
+    });
+    f.create("c").await;
+    f.next_call().await;
+    f.bytes("c", "steal", false).await;
+    let (_, op) = f.next_call().await;
+    assert!(
+        matches!(&op, Op::Call(Call::Authenticate { clientid, .. }) if clientid == "bob"),
+        "{op:?}"
+    );
 }
 
 #[tokio::test]

@@ -287,7 +287,7 @@ impl ConnectionAdapter for FakeEmqx {
             return code(ResultCode::Unknown, "Unknown crashes");
         };
         let detail = format!(
-            "{}/{} clientid={} username={} password={}",
+            "proto_name={} proto_ver={} clientid={} username={} password={}",
             ci.proto_name, ci.proto_ver, ci.clientid, ci.username, r.password
         );
         if let Some(gone) = self.record("Authenticate", &r.conn, detail)? {

@@ -334,7 +334,7 @@ pub fn adapter_client(addr: SocketAddr) -> Adapter {
 pub type AdapterSlot = Arc<OnceLock<Adapter>>;
 
 /// A handler that turns client lines into ConnectionAdapter calls:
-/// `HELLO <conn>` on connect; `AUTH id [user pass]`, `SUB f [qos]`,
+/// `HELLO <conn>` on connect; `AUTH id [user pass]` (`AUTHAS proto_name id [user pass]`), `SUB f [qos]`,
 /// `UNSUB f`, `PUB t payload`, `RAW t payload`, `TIMER secs`, `CLOSE`,
 /// `FAIL` (the handler call fails), anything else is echoed as
 /// `ECHO <line>`. Each command answers `<VERB> <code> [message]`.
@@ -433,7 +433,16 @@ async fn command(a: &mut Adapter, conn: &str, line: &str) -> Option<String> {
     let rest = words.next().unwrap_or_default().to_owned();
     let conn = conn.to_owned();
     Some(match verb {
-        "AUTH" => {
+        // `AUTH clientid [username [password]]` logs in as the adapter
+        // does; `AUTHAS proto_name clientid [username [password]]` with
+        // another proto_name.
+        "AUTH" | "AUTHAS" => {
+            let (proto_name, clientid, rest) = if verb == "AUTH" {
+                ("exproto".to_owned(), w1, rest)
+            } else {
+                let (id, rest) = rest.split_once(' ').unwrap_or((&rest, ""));
+                (w1, id.to_owned(), rest.to_owned())
+            };
             let mut cred = rest.split(' ');
             let username = cred.next().unwrap_or_default().to_owned();
             let password = cred.next().unwrap_or_default().to_owned();
@@ -441,9 +450,9 @@ async fn command(a: &mut Adapter, conn: &str, line: &str) -> Option<String> {
                 .authenticate(pb::AuthenticateRequest {
                     conn,
                     clientinfo: Some(pb::ClientInfo {
-                        proto_name: "chat".into(),
-                        proto_ver: "1".into(),
-                        clientid: w1,
+                        proto_name,
+                        proto_ver: "chat/1".into(),
+                        clientid,
                         username,
                         mountpoint: String::new(),
                     }),

@@ -79,6 +79,8 @@ pub(crate) enum Reject {
     TooManyPublishes,
     #[error("already connected")]
     AlreadyConnected,
+    #[error("clientid not allowed for this user")]
+    ClientidNotAllowed,
     #[error("line too long")]
     LineTooLong,
     #[error("login timeout")]
@@ -98,7 +100,7 @@ impl Reject {
             | Self::BadText(_)
             | Self::Topic(_) => 400,
             Self::NotConnected => 401,
-            Self::NotSubscribed => 403,
+            Self::NotSubscribed | Self::ClientidNotAllowed => 403,
             Self::LoginTimeout => 408,
             Self::AlreadyConnected => 409,
             Self::LineTooLong => 413,

@@ -23,8 +23,8 @@ use super::topic;
 use super::Chat;
 use crate::protocol::framer::{Frame, LineFramer};
 use crate::protocol::{
-    Action, Call, CallResult, ConnMeta, Event, Message, Protocol, ProtocolConfig, SessionInit,
-    TimerKind,
+    Action, Call, CallResult, ClientidPolicy, ConnMeta, Event, Message, Protocol, ProtocolConfig,
+    SessionInit, TimerKind,
 };
 
 /// Decodes `data` as a client's byte stream: framer, parser, command and
@@ -190,23 +190,36 @@ fn msg_round_trip(topic: &[u8], from: &[u8], payload: &[u8]) {
 /// When an invariant breaks: a call that is not the last action, an empty
 /// or unterminated send, a line that is not a server line, HELLO not first
 /// or twice, anything after Close, a Subscribe, Unsubscribe or Publish
-/// before a successful Authenticate, a second successful Authenticate, more
+/// before a successful Authenticate, a second successful Authenticate, an
+/// Authenticate for a clientid the policy does not allow, more
 /// subscriptions held than allowed, or more publishes than the rate allows.
 ///
 /// Returns what the client was sent.
 pub fn run_session(data: &[u8]) -> Vec<u8> {
     let mut s = Script { data, at: 0 };
+    // The bytes are read in this order, whatever the fields' order, so
+    // that the corpora keep their meaning.
+    let max_line = 16 + usize::from(s.byte());
+    let max_subscriptions = usize::from(s.byte() % 4);
+    let max_publish_rate = u32::from(s.byte() % 4);
+    let keepalive = if s.byte() & 1 == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(60)
+    };
+    let flags = s.byte();
     let config = ProtocolConfig {
-        max_line: 16 + usize::from(s.byte()),
-        max_subscriptions: usize::from(s.byte() % 4),
-        max_publish_rate: u32::from(s.byte() % 4),
-        keepalive: if s.byte() & 1 == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(60)
-        },
+        max_line,
+        max_subscriptions,
+        max_publish_rate,
+        keepalive,
         login_timeout: Duration::from_secs(30),
-        presence_history: s.byte() & 1 == 1,
+        presence_history: flags & 1 == 1,
+        clientid_policy: if flags & 2 == 0 {
+            ClientidPolicy::Username
+        } else {
+            ClientidPolicy::Any
+        },
         who_max: 1 + usize::from(s.byte() % 4),
         history_max: 1 + usize::from(s.byte() % 4),
     };
@@ -374,8 +387,14 @@ impl Checker {
             Call::Subscribe { .. } | Call::Unsubscribe { .. } | Call::Publish { .. } => {
                 assert!(self.authenticated, "{call:?} before a successful CONNECT");
             }
-            Call::Authenticate { .. } => {
+            Call::Authenticate {
+                clientid, username, ..
+            } => {
                 assert!(!self.authenticated, "Authenticate when connected");
+                assert!(
+                    self.config.clientid_policy.allows(clientid, username),
+                    "Authenticate as {clientid:?} for user {username:?}"
+                );
             }
             Call::Who { .. } | Call::History { .. } => {
                 assert!(self.authenticated, "{call:?} before a successful CONNECT");

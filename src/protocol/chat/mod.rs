@@ -32,7 +32,13 @@ pub mod topic;
 
 use bytes::Bytes;
 
-use super::{Protocol, ProtocolConfig, Refusal, Session, SessionInit};
+use super::{ProtoVer, Protocol, ProtocolConfig, Refusal, Session, SessionInit};
+
+/// What EMQX is told in `proto_ver`, and what HELLO names.
+pub(crate) const PROTO_VER: ProtoVer = ProtoVer {
+    name: "chat",
+    version: "1",
+};
 
 /// The chat protocol's factory.
 pub struct Chat {
@@ -48,7 +54,7 @@ impl Chat {
 
 impl Protocol for Chat {
     fn name(&self) -> &'static str {
-        "chat"
+        PROTO_VER.name
     }
     fn new_session(&self, init: SessionInit) -> Box<dyn Session> {
         Box::new(session::ChatSession::new(self.config.clone(), init))

@@ -321,14 +321,19 @@ impl ChatSession {
             // the same made-up id.
             _ => format!("chat-{:016x}", self.random),
         };
+        let username = username.map(Cow::into_owned).unwrap_or_default();
+        // Checked here, before EMQX is asked, so the client hears why; the
+        // driver checks again for every protocol.
+        if !self.config.clientid_policy.allows(&clientid, &username) {
+            return Err(Reject::ClientidNotAllowed);
+        }
         self.pending = Some(Pending::Authenticate {
             clientid: clientid.clone(),
         });
         Ok(Call::Authenticate {
-            proto_name: "chat".to_string(),
-            proto_ver: "1".to_string(),
+            protocol: super::PROTO_VER,
             clientid,
-            username: username.map(Cow::into_owned).unwrap_or_default(),
+            username,
             password: Secret::new(password.map(Cow::into_owned).unwrap_or_default()),
         })
     }
@@ -552,7 +557,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::protocol::{ConnMeta, Message};
+    use crate::protocol::{ClientidPolicy, ConnMeta, Message};
 
     const HELLO: &str = "HELLO chat/1 :welcome; CONNECT <clientid> [username] [password]\n";
     const RANDOM: u64 = 0x0123_4567_89ab_cdef;
@@ -683,15 +688,17 @@ mod tests {
     #[test]
     fn connect_authenticates_then_starts_keepalive() {
         let mut h = Harness::created(config());
-        assert_eq!(h.say("CONNECT alice bob s3cret\n"), "OK CONNECT alice\n");
+        assert_eq!(
+            h.say("CONNECT alice/laptop alice s3cret\n"),
+            "OK CONNECT alice/laptop\n"
+        );
         assert_eq!(
             h.calls,
             vec![
                 Call::Authenticate {
-                    proto_name: "chat".into(),
-                    proto_ver: "1".into(),
-                    clientid: "alice".into(),
-                    username: "bob".into(),
+                    protocol: crate::protocol::chat::PROTO_VER,
+                    clientid: "alice/laptop".into(),
+                    username: "alice".into(),
                     password: Secret::new("s3cret"),
                 },
                 Call::StartKeepalive { interval_s: 60 },
@@ -758,7 +765,11 @@ mod tests {
 
     #[test]
     fn connect_values_are_unescaped_and_checked() {
-        let mut h = Harness::created(no_keepalive());
+        let any = ProtocolConfig {
+            clientid_policy: ClientidPolicy::Any,
+            ..no_keepalive()
+        };
+        let mut h = Harness::created(any);
         assert_eq!(
             h.say("CONNECT a\\sb \\x3Au :p\\x41ss word\n"),
             "OK CONNECT a\\sb\n"
@@ -766,8 +777,7 @@ mod tests {
         assert_eq!(
             h.calls,
             vec![Call::Authenticate {
-                proto_name: "chat".into(),
-                proto_ver: "1".into(),
+                protocol: crate::protocol::chat::PROTO_VER,
                 clientid: "a b".into(),
                 username: ":u".into(),
                 password: Secret::new("pAss word"),
@@ -781,6 +791,35 @@ mod tests {
              ERR 400 :password must be utf-8 without NUL\n"
         );
         assert!(h.calls.is_empty());
+    }
+
+    #[test]
+    fn the_clientid_rule_refuses_other_users_ids_without_asking_emqx() {
+        let mut h = Harness::created(no_keepalive());
+        assert_eq!(
+            h.say(
+                "CONNECT alice bob hunter2\nCONNECT alicebob alice pw\n\
+                 CONNECT bob/alice alice pw\nCONNECT alice/ alice pw\n"
+            ),
+            "ERR 403 :clientid not allowed for this user\n".repeat(4)
+        );
+        assert!(h.calls.is_empty(), "EMQX was asked: {:?}", h.calls);
+        // A refusal is like any failed CONNECT: it may be retried.
+        assert_eq!(
+            h.say("CONNECT alice/phone alice pw\n"),
+            "OK CONNECT alice/phone\n"
+        );
+        // Anonymous clients are not bound to a name.
+        let mut h = Harness::created(no_keepalive());
+        assert_eq!(h.say("CONNECT alice\n"), "OK CONNECT alice\n");
+        // `any` lets a user take any clientid; EMQX decides alone.
+        let any = ProtocolConfig {
+            clientid_policy: ClientidPolicy::Any,
+            ..no_keepalive()
+        };
+        let mut h = Harness::created(any);
+        assert_eq!(h.say("CONNECT alice bob hunter2\n"), "OK CONNECT alice\n");
+        assert_eq!(h.calls.len(), 1);
     }
 
     #[test]
@@ -973,6 +1012,12 @@ mod tests {
                 "PUB \\xC3 :x",
                 not_connected,
                 "ERR 400 :topic must be utf-8 without NUL\n",
+            ),
+            // The clientid rule is CONNECT's own check: after 409.
+            (
+                "CONNECT bob alice pw",
+                "ERR 403 :clientid not allowed for this user\n",
+                "ERR 409 :already connected\n",
             ),
             // Values before 409.
             (
@@ -1540,7 +1585,7 @@ mod tests {
 
     /// A session of commands that touch every path, for split tests.
     const SCRIPT: &[u8] = b"  ping\r\nHELP\nNOPE x\nSUB a\n\
-        CONNECT alice u p\r\nCONNECT bob\nSUB a/+ 1\nSUB \\x3Ab\n\
+        CONNECT alice alice p\r\nCONNECT bob\nSUB a/+ 1\nSUB \\x3Ab\n\
         PUB a/b 1 :hello\\sworld \\x00\nPUB a/b :\n\n \t\nUNSUB a/+\n\
         PUB a/b 1 :this line is far too long for the limit\nWHO\n\
         HISTORY a/b 3\nPING :\nPUB\xff\nSUB #\nSUB x\nSUB y\nPING\nQUIT :done\nPING\n";
