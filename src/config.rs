@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::exhook::HookConfig;
-use crate::protocol::chat::topic;
+use crate::protocol::topic;
 use crate::protocol::{ClientidPolicy, ProtocolConfig};
 use crate::server::AdapterConfig;
 use crate::server::PresenceConfig;

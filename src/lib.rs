@@ -13,13 +13,16 @@ pub mod dev_gateway;
 pub mod emqx;
 pub mod exhook;
 pub mod handler;
-pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+
+/// The sans-IO protocol layer, a crate of its own (`exproto-protocol`) so
+/// that protocol authors compile neither tonic nor a database driver.
+pub use exproto_protocol as protocol;
 
 /// HTTP/2 connection window for every gRPC link the crate serves or
 /// dials. h2 (0.4.20) sends GOAWAY `ENHANCE_YOUR_CALM "too_many_data_frames"`

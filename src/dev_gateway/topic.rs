@@ -3,7 +3,7 @@
 //! runs before it routes anything. The rules themselves are the ones the
 //! chat protocol checks; this module words them as the gateway asks.
 
-use crate::protocol::chat::topic as shared;
+use crate::protocol::topic as shared;
 
 /// Whether the topic `name` is matched by `filter` (MQTT 3.1.1 §4.7).
 ///

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::protocol::chat::topic;
+use crate::protocol::topic;
 use crate::store::{now_ms, Presence, StoredMessage};
 
 /// One write for the store, in the order the hooks came.

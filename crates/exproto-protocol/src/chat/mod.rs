@@ -1,10 +1,9 @@
 //! The chat line protocol: text commands over raw TCP, one reply per line.
 //!
-//! Bytes are framed into lines ([`crate::protocol::framer`]), each line is
+//! Bytes are framed into lines ([`crate::framer`]), each line is
 //! parsed (`parser`) into a typed command (`command`), and the session
 //! (`session`) turns commands into EMQX calls and reply lines (`encode`,
-//! `escape`). Topic rules live in [`topic`], which is public because
-//! anything that routes MQTT topics can use it.
+//! `escape`). Topic rules are the crate's [`crate::topic`].
 //!
 //! Where the protocol text is silent, this implementation decides:
 //! - a wrong number of parameters answers `ERR 400 :usage: <synopsis>`;
@@ -28,7 +27,6 @@ mod escape;
 pub mod fuzz;
 mod parser;
 mod session;
-pub mod topic;
 
 use bytes::Bytes;
 

@@ -19,10 +19,10 @@ use super::command::{text_value, Command};
 use super::encode;
 use super::escape::{escape_into, unescape, Param};
 use super::parser::{parse_line, ParseError};
-use super::topic;
 use super::Chat;
-use crate::protocol::framer::{Frame, LineFramer};
-use crate::protocol::{
+use crate::framer::{Frame, LineFramer};
+use crate::topic;
+use crate::{
     Action, Call, CallResult, ClientidPolicy, ConnMeta, Event, Message, Protocol, ProtocolConfig,
     SessionInit, TimerKind,
 };
@@ -274,7 +274,7 @@ impl Script<'_> {
                 total: u64::from(self.byte()),
                 ids: vec!["a b".into(), "-".into(), String::new()],
             },
-            6 => CallResult::History(vec![crate::protocol::Message {
+            6 => CallResult::History(vec![crate::Message {
                 topic: "chat/x".into(),
                 from: "\\x".into(),
                 payload: Bytes::copy_from_slice(self.take(4)),

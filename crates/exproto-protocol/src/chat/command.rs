@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use super::escape::unescape;
 use super::parser::Line;
-use super::topic::TopicError;
+use crate::topic::TopicError;
 
 /// The `HISTORY` count when none is given (or the maximum, if lower).
 pub(crate) const HISTORY_DEFAULT: usize = 20;
@@ -288,7 +288,7 @@ pub(crate) fn text_value<'a>(raw: &'a [u8], what: &'static str) -> Result<Cow<'a
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::chat::parser::parse_line;
+    use crate::chat::parser::parse_line;
 
     fn cmd(input: &str) -> Result<Command<'_>, Reject> {
         Command::from_line(&parse_line(input.as_bytes()).expect("not blank"), 100)

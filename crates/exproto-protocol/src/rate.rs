@@ -1,5 +1,5 @@
 //! A token bucket for per-connection rate limits, driven by time the
-//! session is told (see [`crate::protocol::Session::set_time`]), so it stays
+//! session is told (see [`crate::Session::set_time`]), so it stays
 //! sans-IO and is tested without a clock.
 
 /// Allows `rate` events per second on average, in bursts of up to `rate`.

@@ -17,10 +17,10 @@ use super::command::{text_value, Command, Reject};
 use super::encode;
 use super::escape::unescape;
 use super::parser::{parse_line, ParseError};
-use super::topic;
-use crate::protocol::framer::{Frame, LineFramer};
-use crate::protocol::rate::TokenBucket;
-use crate::protocol::{
+use crate::framer::{Frame, LineFramer};
+use crate::rate::TokenBucket;
+use crate::topic;
+use crate::{
     Action, Call, CallResult, Event, ProtocolConfig, Secret, Session, SessionInit, TimerKind,
 };
 
@@ -557,7 +557,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::protocol::{ClientidPolicy, ConnMeta, Message};
+    use crate::{ClientidPolicy, ConnMeta, Message};
 
     const HELLO: &str = "HELLO chat/1 :welcome; CONNECT <clientid> [username] [password]\n";
     const RANDOM: u64 = 0x0123_4567_89ab_cdef;
@@ -696,7 +696,7 @@ mod tests {
             h.calls,
             vec![
                 Call::Authenticate {
-                    protocol: crate::protocol::chat::PROTO_VER,
+                    protocol: crate::chat::PROTO_VER,
                     clientid: "alice/laptop".into(),
                     username: "alice".into(),
                     password: Secret::new("s3cret"),
@@ -777,7 +777,7 @@ mod tests {
         assert_eq!(
             h.calls,
             vec![Call::Authenticate {
-                protocol: crate::protocol::chat::PROTO_VER,
+                protocol: crate::chat::PROTO_VER,
                 clientid: "a b".into(),
                 username: ":u".into(),
                 password: Secret::new("pAss word"),

@@ -1,18 +1,24 @@
-//! The extension point: a [`Protocol`] turns one connection's socket events
-//! into actions, with no IO of its own.
+//! The protocol layer of exproto-adapter: a [`Protocol`] turns one
+//! connection's socket events into actions, with no IO of its own.
 //!
-//! Everything here is sans-IO: no socket, no `await`, no clock, no gRPC type.
-//! The driver in `crate::session` feeds [`Event`]s to a [`Session`] and carries
-//! out the [`Action`]s it returns against EMQX. Because nothing here can block
-//! or fail on IO, a session is tested with plain function calls and fuzzed
-//! with arbitrary byte chunks.
+//! Everything here is sans-IO: no socket, no `await`, no clock, no gRPC
+//! type, and this crate depends on neither tonic nor a database, so a
+//! protocol author compiles only this. The adapter's driver feeds
+//! [`Event`]s to a [`Session`] and carries out the [`Action`]s it returns
+//! against EMQX. Because nothing here can block or fail on IO, a session is
+//! tested with plain function calls and fuzzed with arbitrary byte chunks.
 //!
-//! Adding a protocol: a module under `protocol/` that implements [`Protocol`],
-//! plus one line in [`by_name`].
+//! Also here, because everything that handles MQTT topics needs them: the
+//! topic rules ([`topic`]). Built in: the chat protocol ([`chat`]).
+//!
+//! Adding a protocol: a module that implements [`Protocol`] (in this crate
+//! plus one line in [`by_name`], or in your own crate handed to the
+//! adapter's server builder).
 
 pub mod chat;
 pub mod framer;
 pub mod rate;
+pub mod topic;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -179,8 +179,8 @@ impl fmt::Write for TrailingWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::chat::escape::unescape;
-    use crate::protocol::chat::parser::parse_line;
+    use crate::chat::escape::unescape;
+    use crate::chat::parser::parse_line;
     use proptest::prelude::*;
 
     fn text(f: impl FnOnce(&mut BytesMut)) -> String {
