@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Command, FromArgMatches};
 
 use crate::config::ServeArgs;
+use crate::redact::redact_url;
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -170,28 +171,6 @@ fn first_line(s: &str) -> String {
         .to_string()
 }
 
-/// Hides a password in a URL (`postgres://user:secret@host` ->
-/// `postgres://user:***@host`).
-pub fn mask_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else {
-        return url.to_string();
-    };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        None => url.to_string(),
-    }
-}
-
 /// The effective configuration of `serve` as TOML, each value with where it
 /// came from; secrets masked.
 pub fn render(matches: &clap::ArgMatches, from_file: &BTreeSet<String>) -> String {
@@ -225,7 +204,7 @@ pub fn render(matches: &clap::ArgMatches, from_file: &BTreeSet<String>) -> Strin
                 if key.contains("password") {
                     "***".to_string()
                 } else {
-                    mask_url(v)
+                    redact_url(v)
                 }
             })
             .map(|v| format!("{v:?}"))
@@ -310,12 +289,31 @@ mod tests {
     }
 
     #[test]
-    fn passwords_in_urls_are_masked() {
-        assert_eq!(
-            mask_url("postgres://u:secret@db:5432/chat"),
-            "postgres://u:***@db:5432/chat"
-        );
-        assert_eq!(mask_url("sqlite:x.db"), "sqlite:x.db");
-        assert_eq!(mask_url("postgres://u@db/chat"), "postgres://u@db/chat");
+    fn the_effective_configuration_never_shows_a_password() {
+        for (url, want) in [
+            (
+                "postgres://u:secret@db:5432/chat",
+                "postgres://u:***@db:5432/chat",
+            ),
+            ("postgres://u:p@ss@db/chat", "postgres://u:***@db/chat"),
+            ("postgres://u:p:s/s@db/chat", "postgres://u:***@db/chat"),
+            ("postgres://u:p%40ss@db/chat", "postgres://u:***@db/chat"),
+            (
+                "postgres://u@db/chat?password=hunter2",
+                "postgres://u@db/chat?password=***",
+            ),
+        ] {
+            let (args, from_file) =
+                parse(&["--store", url], "").unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(args.store.expose(), url);
+            let m = serve_command()
+                .try_get_matches_from(["--store", url])
+                .unwrap();
+            let shown = render(&m, &from_file);
+            assert!(
+                shown.contains(&format!("store = \"{want}\"")),
+                "{url} shown as:\n{shown}"
+            );
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod dev_gateway;
 pub mod emqx;
 pub mod exhook;
 pub mod handler;
+pub mod redact;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -23,6 +23,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
+use crate::redact::redact_url;
+
 pub use faulty::{Fault, FaultyStore};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -236,22 +238,6 @@ impl std::fmt::Display for StoreUrl {
     }
 }
 
-/// `url` with any password replaced by `***`, for logs.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-        None => url.to_string(),
-    }
-}
-
 /// The smallest string above every string that starts with `prefix`, in
 /// byte order (which for UTF-8 is code point order); `None` when there is
 /// none. `prefix <= id < end` is then "id starts with prefix", a range an
@@ -322,25 +308,6 @@ mod tests {
             assert!(id.as_bytes() < end.as_bytes(), "{id} < {end}");
             assert!(prefix.as_bytes() <= id.as_bytes());
         }
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@db:5432/x?sslmode=disable"),
-            "postgres://u:***@db:5432/x?sslmode=disable"
-        );
-        assert_eq!(
-            redact_url("postgres://u@db/x"),
-            "postgres://u@db/x",
-            "no password"
-        );
-        assert_eq!(redact_url("sqlite:data/x.db"), "sqlite:data/x.db");
-        assert_eq!(
-            redact_url("postgres://u:p@ss@db/x"),
-            "postgres://u:***@db/x",
-            "the last @ ends the user info"
-        );
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use exproto_adapter::store;
 use futures::FutureExt;
 use sqlx::Connection;
 
@@ -43,7 +42,7 @@ where
     let mut admin = match admin {
         Ok(c) => c,
         Err(e) => {
-            let shown = store::redact_url(&base);
+            let shown = exproto_adapter::redact::redact_url(&base);
             if std::env::var("EXPROTO_REQUIRE_SERVICES").as_deref() == Ok("1") {
                 panic!("PostgreSQL at {shown} is required (EXPROTO_REQUIRE_SERVICES=1): {e}");
             }
