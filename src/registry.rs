@@ -1,20 +1,21 @@
 //! Which connections the adapter serves: `conn` -> session entry.
 //!
-//! An entry is a cheap handle: a small mailbox of events and the protocol
-//! session itself. No task exists for an idle connection; a worker is spawned
-//! when an event arrives and exits when the mailbox is empty, so per-conn
-//! order holds (one worker at a time) while 100k idle sessions cost only
-//! their state. Map guards are never held across an `.await`.
+//! An entry is a cheap handle: a small mailbox of events and the
+//! connection's whole state ([`Connection`]). No task exists for an idle
+//! connection; a worker is spawned when an event arrives and exits when the
+//! mailbox is empty, so per-conn order holds (one worker at a time) while
+//! 100k idle sessions cost only their state. Map guards are never held
+//! across an `.await`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::time::Instant;
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::protocol::{Event, Session};
+use crate::protocol::{Connection, Event};
+use crate::session::clock::Clock;
 
 /// Work for a connection's worker, in arrival order.
 #[derive(Debug)]
@@ -22,42 +23,59 @@ pub(crate) enum Item {
     Event(Event),
     /// Ask EMQX whether the connection process still lives (empty `Send`).
     Probe,
+    /// A wake-up: the connection's deadline may be due.
+    Timeout,
 }
 
 /// One live session.
 pub(crate) struct Entry {
     pub(crate) conn: Arc<str>,
     inner: Mutex<Inner>,
-    /// Milliseconds since the registry's epoch when the last event came;
-    /// the sweeper probes sessions that have been silent too long.
+    /// When the last event came, on the driver's clock; the sweeper probes
+    /// sessions that have been silent too long.
     last_event_ms: AtomicU64,
+    /// The earliest wake-up asked for and not yet come (`u64::MAX`: none),
+    /// so a connection asks again only for an earlier deadline.
+    wake_ms: AtomicU64,
     /// Wakes handler calls waiting for room in a full mailbox.
     drained: Notify,
 }
 
 pub(crate) struct Inner {
     pub(crate) queue: VecDeque<Item>,
-    /// A worker owns the session right now.
+    /// A worker owns the connection right now.
     pub(crate) running: bool,
     /// `None` while a worker has taken it out.
-    pub(crate) session: Option<Box<dyn Session>>,
+    pub(crate) connection: Option<Connection>,
     /// The session is over; late events are dropped.
     pub(crate) ended: bool,
 }
 
 impl Entry {
-    pub(crate) fn new(conn: Arc<str>, session: Box<dyn Session>, now_ms: u64) -> Self {
+    pub(crate) fn new(conn: Arc<str>, connection: Connection, now_ms: u64) -> Self {
         Self {
             conn,
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 running: false,
-                session: Some(session),
+                connection: Some(connection),
                 ended: false,
             }),
             last_event_ms: AtomicU64::new(now_ms),
+            wake_ms: AtomicU64::new(u64::MAX),
             drained: Notify::new(),
         }
+    }
+
+    /// Records a wake-up asked for at `at_ms`; `true` when it is earlier
+    /// than any still to come, i.e. worth asking for.
+    pub(crate) fn wake_earlier(&self, at_ms: u64) -> bool {
+        self.wake_ms.fetch_min(at_ms, Ordering::AcqRel) > at_ms
+    }
+
+    /// A wake-up came: the next deadline needs asking for again.
+    pub(crate) fn woken(&self) {
+        self.wake_ms.store(u64::MAX, Ordering::Release);
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -81,18 +99,20 @@ impl Entry {
 
 /// Events for a conn whose `OnSocketCreated` has not arrived yet (streaming
 /// mode can deliver them first).
-#[derive(Default)]
 pub(crate) struct Orphan {
     pub(crate) events: Vec<Event>,
     /// Bytes held, counted against the line limit.
     pub(crate) bytes: usize,
+    /// When the wait for `OnSocketCreated` ends, on the driver's clock.
+    /// The wait's deadline is its own: a session created later has its own.
+    pub(crate) expires_ms: u64,
 }
 
 /// Every session the adapter serves, plus events waiting for their session.
 pub struct Registry {
     pub(crate) sessions: DashMap<Arc<str>, Arc<Entry>>,
     pub(crate) orphans: DashMap<Arc<str>, Orphan>,
-    epoch: Instant,
+    clock: Clock,
 }
 
 impl Default for Registry {
@@ -100,7 +120,7 @@ impl Default for Registry {
         Self {
             sessions: DashMap::new(),
             orphans: DashMap::new(),
-            epoch: Instant::now(),
+            clock: Clock::new(),
         }
     }
 }
@@ -121,8 +141,12 @@ impl Registry {
         self.orphans.len()
     }
 
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     pub(crate) fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.clock.now_ms()
     }
 
     pub(crate) fn get(&self, conn: &str) -> Option<Arc<Entry>> {

@@ -249,7 +249,7 @@ mod tests {
                 match a {
                     Action::Send(b) => wire.extend_from_slice(&b),
                     Action::Call(c) => call = Some(c),
-                    Action::SetDeadline(_) => {}
+                    Action::SetDeadline(_) | Action::Query(_) => {}
                 }
             }
             let Some(c) = call else { break };

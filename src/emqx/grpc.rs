@@ -118,11 +118,27 @@ fn code_to_result(resp: pb::CodeResponse) -> Result<(), EmqxError> {
 
 /// Whether a gRPC status means "EMQX did not answer" rather than "EMQX
 /// answered with an error".
+///
+/// tonic gives a failure below gRPC (refused, reset, broken connection)
+/// the code `Unknown` when it finds no better one; the cause then sits in
+/// the status's source chain, which is read instead of its text.
 fn is_unreachable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-    ) || (status.code() == tonic::Code::Unknown && status.message().contains("transport"))
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => true,
+        tonic::Code::Unknown => caused_by_transport(status),
+        _ => false,
+    }
+}
+
+fn caused_by_transport(status: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 impl ConnectionAdapter for GrpcAdapter {
@@ -202,11 +218,6 @@ impl ConnectionAdapter for GrpcAdapter {
                                 })
                                 .await
                         }
-                        // The driver answers these from the store; they
-                        // have no EMQX call.
-                        Call::Who { .. } | Call::History { .. } => {
-                            Err(tonic::Status::invalid_argument("not an EMQX call"))
-                        }
                     },
                 }
             };
@@ -283,6 +294,19 @@ mod tests {
             message: String::new()
         })
         .is_err());
+    }
+
+    #[test]
+    fn unreachable_is_read_from_the_code_and_the_cause_not_the_text() {
+        assert!(is_unreachable(&tonic::Status::unavailable("x")));
+        assert!(is_unreachable(&tonic::Status::deadline_exceeded("x")));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let below_grpc = tonic::Status::from_error(Box::new(io));
+        assert_eq!(below_grpc.code(), tonic::Code::Unknown);
+        assert!(is_unreachable(&below_grpc));
+        // An answer whose words happen to say "transport" is an answer.
+        assert!(!is_unreachable(&tonic::Status::unknown("transport error")));
+        assert!(!is_unreachable(&tonic::Status::internal("x")));
     }
 
     #[tokio::test]

@@ -29,17 +29,7 @@ impl Op {
     pub fn method(&self) -> &'static str {
         match self {
             Op::Send(_) => "Send",
-            Op::Call(c) => match c {
-                Call::Authenticate { .. } => "Authenticate",
-                Call::StartKeepalive { .. } => "StartTimer",
-                Call::Subscribe { .. } => "Subscribe",
-                Call::Unsubscribe { .. } => "Unsubscribe",
-                Call::Publish { .. } => "Publish",
-                Call::Close => "Close",
-                // Answered by the presence and history service, not EMQX.
-                Call::Who { .. } => "Who",
-                Call::History { .. } => "History",
-            },
+            Op::Call(c) => c.method(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! the [`Driver`], answer. A client's mistakes never become a gRPC error
 //! (EMQX would drop the connection); only a malformed request does.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
@@ -10,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::pb::connection_handler_server::ConnectionHandler;
 use crate::pb::connection_unary_handler_server::ConnectionUnaryHandler;
 use crate::pb::{self, EmptySuccess};
-use crate::protocol::{ConnMeta, Event, Message, TimerKind};
+use crate::protocol::{ConnMeta, Event, Message, SockType, TimerKind};
 use crate::session::Driver;
 use crate::telemetry;
 
@@ -40,19 +41,24 @@ impl StreamHandler {
     }
 }
 
-fn address(a: Option<pb::Address>) -> String {
-    a.map(|a| format!("{}:{}", a.host, a.port))
-        .unwrap_or_default()
+/// EMQX's `{host, port}` as an address; `None` for one that does not parse
+/// (EMQX sends IP addresses, so that would be a bug of EMQX's or ours).
+fn address(a: Option<pb::Address>) -> Option<SocketAddr> {
+    let a = a?;
+    let ip: IpAddr = a.host.parse().ok()?;
+    Some(SocketAddr::new(ip, u16::try_from(a.port).ok()?))
 }
 
 fn created(r: pb::SocketCreatedRequest) -> (String, Event) {
     let info = r.conninfo.unwrap_or_default();
     let socktype = match pb::SocketType::try_from(info.socktype) {
-        Ok(pb::SocketType::Tcp) => "tcp",
-        Ok(pb::SocketType::Ssl) => "ssl",
-        Ok(pb::SocketType::Udp) => "udp",
-        Ok(pb::SocketType::Dtls) => "dtls",
-        Err(_) => "unknown",
+        Ok(pb::SocketType::Tcp) => SockType::Tcp,
+        Ok(pb::SocketType::Ssl) => SockType::Ssl,
+        Ok(pb::SocketType::Udp) => SockType::Udp,
+        Ok(pb::SocketType::Dtls) => SockType::Dtls,
+        // A transport this build does not know: treat it as a stream,
+        // which needs no framing of its own.
+        Err(_) => SockType::Tcp,
     };
     let meta = ConnMeta {
         socktype,
@@ -108,7 +114,7 @@ async fn handle(
         Event::Messages(_) => ("messages", 0),
         Event::TimerFired(_) => ("timer", 0),
         Event::Closed(_) => ("closed", 0),
-        Event::Deadline | Event::Reply(_) => ("other", 0),
+        Event::Deadline | Event::Reply(_) | Event::Answer(_) => ("other", 0),
     };
     telemetry::event(kind, bytes);
     driver.dispatch(&conn, event, may_reorder).await;

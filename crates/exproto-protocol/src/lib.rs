@@ -16,24 +16,57 @@
 //! adapter's server builder).
 
 pub mod chat;
+pub mod connection;
 pub mod framer;
 pub mod rate;
 pub mod topic;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use connection::{Connection, Listener, Request};
+
+/// The transport of an EMQX listener (`ConnInfo.socktype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SockType {
+    #[default]
+    Tcp,
+    Ssl,
+    Udp,
+    Dtls,
+}
+
+impl SockType {
+    /// Whether each `OnReceivedBytes` is one datagram (UDP, DTLS) rather
+    /// than a piece of a byte stream.
+    pub fn is_datagram(self) -> bool {
+        matches!(self, SockType::Udp | SockType::Dtls)
+    }
+}
+
+impl std::fmt::Display for SockType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SockType::Tcp => "tcp",
+            SockType::Ssl => "ssl",
+            SockType::Udp => "udp",
+            SockType::Dtls => "dtls",
+        })
+    }
+}
+
 /// What the adapter is told about a new socket (EMQX's `ConnInfo`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnMeta {
-    /// `tcp`, `ssl`, `udp` or `dtls`.
-    pub socktype: &'static str,
-    /// The client's address as `host:port`, for logs.
-    pub peer: String,
-    /// The listener's address as `host:port`.
-    pub sockname: String,
+    pub socktype: SockType,
+    /// The client's address; `None` when EMQX sent none that parses.
+    pub peer: Option<SocketAddr>,
+    /// The listener's address and port: which of EMQX's listeners the
+    /// client came through. `None` when EMQX sent none that parses.
+    pub sockname: Option<SocketAddr>,
     /// The client certificate's common name, when the listener has TLS.
     pub cert_cn: Option<String>,
 }
@@ -73,6 +106,8 @@ pub enum Event {
     Deadline,
     /// The outcome of the [`Action::Call`] the session asked for last.
     Reply(CallResult),
+    /// The answer to the [`Action::Query`] the session asked for last.
+    Answer(Result<Answer, QueryError>),
     /// The socket is closed (`OnSocketClosed`); the reason is opaque text.
     Closed(String),
 }
@@ -84,20 +119,44 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallResult {
     Ok,
-    /// EMQX refused: authentication or authorization (`PERMISSION_DENY`).
+    /// EMQX refused: authentication or authorization (`PERMISSION_DENY`),
+    /// or the driver refused a clientid the policy does not allow. The
+    /// text is for logs: EMQX's are printed Erlang terms.
     Denied(String),
     /// EMQX answered with another error code, or the call failed oddly.
     Failed(String),
     /// EMQX's ConnectionAdapter could not be reached in time.
     Unreachable,
-    /// The answer to [`Call::Who`]: how many clientids match, and the
-    /// first of them in byte order.
-    Who {
-        total: u64,
-        ids: Vec<String>,
-    },
-    /// The answer to [`Call::History`]: stored messages, oldest first.
+}
+
+/// A question for the adapter's own presence and history service, not for
+/// EMQX.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// Online clientids starting with `prefix`, at most `limit` of them.
+    Who { prefix: String, limit: usize },
+    /// The newest `limit` stored messages of `topic`, oldest first.
+    History { topic: String, limit: usize },
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// How many clientids match, and the first of them in byte order.
+    Who { total: u64, ids: Vec<String> },
+    /// Stored messages, oldest first.
     History(Vec<Message>),
+}
+
+/// Why a [`Query`] got no answer. The protocol words it for its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// The adapter runs without presence and history.
+    #[error("not enabled")]
+    NotEnabled,
+    /// The store failed or did not answer in time (the driver logs why).
+    #[error("store unavailable")]
+    Unavailable,
 }
 
 /// The `proto_name` of every `Authenticate`, whatever the protocol.
@@ -155,19 +214,21 @@ pub enum Call {
     },
     /// Close the socket; bytes sent before it are delivered first.
     Close,
-    /// Online clientids starting with `prefix`, at most `limit` of them,
-    /// from the presence service (not EMQX). Answered with
-    /// [`CallResult::Who`].
-    Who {
-        prefix: String,
-        limit: usize,
-    },
-    /// The newest `limit` stored messages of `topic`, from the history
-    /// service (not EMQX). Answered with [`CallResult::History`].
-    History {
-        topic: String,
-        limit: usize,
-    },
+}
+
+impl Call {
+    /// The ConnectionAdapter method that carries the call, for logs and
+    /// metrics.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Call::Authenticate { .. } => "Authenticate",
+            Call::StartKeepalive { .. } => "StartTimer",
+            Call::Subscribe { .. } => "Subscribe",
+            Call::Unsubscribe { .. } => "Unsubscribe",
+            Call::Publish { .. } => "Publish",
+            Call::Close => "Close",
+        }
+    }
 }
 
 /// What a session asks the driver to do, in order.
@@ -180,6 +241,10 @@ pub enum Action {
     /// of a `handle`; the driver feeds its outcome back as [`Event::Reply`]
     /// before any other event.
     Call(Call),
+    /// A question for the presence and history service; like a call, the
+    /// last action of a `handle`, answered with [`Event::Answer`] before
+    /// any other event.
+    Query(Query),
     /// Arm (or with `None`, cancel) the session's single deadline, counted
     /// from now; it fires as [`Event::Deadline`].
     SetDeadline(Option<Duration>),
@@ -189,8 +254,9 @@ pub enum Action {
 pub trait Session: Send {
     /// Feeds one event and appends the resulting actions to `out`.
     ///
-    /// Contract: when the actions end with [`Action::Call`], the next event
-    /// must be that call's [`Event::Reply`].
+    /// Contract: when the actions end with [`Action::Call`] (or
+    /// [`Action::Query`]), the next event must be its [`Event::Reply`] (or
+    /// [`Event::Answer`]).
     fn handle(&mut self, event: Event, out: &mut Vec<Action>);
 
     /// Tells the session what time it is, right before each
@@ -236,8 +302,7 @@ pub struct ProtocolConfig {
     /// default, as PROTOCOL.md says). Bursts up to one second's worth.
     pub max_publish_rate: u32,
     /// Whether the presence and history service is there to answer
-    /// [`Call::Who`] and [`Call::History`]; without it protocols refuse
-    /// the commands that need it.
+    /// [`Query`]s; without it protocols refuse the commands that need it.
     pub presence_history: bool,
     /// Clientids one `WHO` lists at most.
     pub who_max: usize,

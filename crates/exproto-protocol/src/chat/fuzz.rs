@@ -23,8 +23,8 @@ use super::Chat;
 use crate::framer::{Frame, LineFramer};
 use crate::topic;
 use crate::{
-    Action, Call, CallResult, ClientidPolicy, ConnMeta, Event, Message, Protocol, ProtocolConfig,
-    SessionInit, TimerKind,
+    Action, Answer, Call, CallResult, ClientidPolicy, ConnMeta, Event, Message, Protocol,
+    ProtocolConfig, QueryError, SessionInit, TimerKind,
 };
 
 /// Decodes `data` as a client's byte stream: framer, parser, command and
@@ -235,8 +235,8 @@ pub fn run_session(data: &[u8]) -> Vec<u8> {
         let reply_to = check.pending.take();
         session.handle(event.clone(), &mut out);
         check.after(&event, reply_to, &out);
-        if let Some(Action::Call(_)) = out.last() {
-            next = Some(Event::Reply(s.result()));
+        if let Some(Action::Call(_) | Action::Query(_)) = out.last() {
+            next = Some(s.result());
         }
     }
     check.finish();
@@ -263,24 +263,26 @@ impl Script<'_> {
         &self.data[start..end]
     }
 
-    fn result(&mut self) -> CallResult {
-        // Answers of the wrong kind (a Who result for a Publish, say) are
-        // included on purpose: the session must survive them too.
+    /// The outcome of a call or query. Outcomes of the wrong kind (a Who
+    /// answer for a Publish, a call's reply for a query) are included on
+    /// purpose: the session must survive them too.
+    fn result(&mut self) -> Event {
         match self.byte() % 8 {
-            0..=2 => CallResult::Ok,
-            3 => CallResult::Denied("Authorization deny".into()),
-            4 => CallResult::Failed("Unknown crashes".into()),
-            5 => CallResult::Who {
+            0..=2 => Event::Reply(CallResult::Ok),
+            3 => Event::Reply(CallResult::Denied("Authorization deny".into())),
+            4 => Event::Reply(CallResult::Failed("Unknown crashes".into())),
+            5 => Event::Answer(Ok(Answer::Who {
                 total: u64::from(self.byte()),
                 ids: vec!["a b".into(), "-".into(), String::new()],
-            },
-            6 => CallResult::History(vec![crate::Message {
+            })),
+            6 => Event::Answer(Ok(Answer::History(vec![crate::Message {
                 topic: "chat/x".into(),
                 from: "\\x".into(),
                 payload: Bytes::copy_from_slice(self.take(4)),
                 ..Default::default()
-            }]),
-            _ => CallResult::Unreachable,
+            }]))),
+            _ if self.byte() & 1 == 0 => Event::Reply(CallResult::Unreachable),
+            _ => Event::Answer(Err(QueryError::Unavailable)),
         }
     }
 
@@ -378,6 +380,11 @@ impl Checker {
                     assert_eq!(i + 1, out.len(), "a call that is not the last action");
                     self.call(call);
                 }
+                Action::Query(query) => {
+                    assert_eq!(i + 1, out.len(), "a query that is not the last action");
+                    assert!(self.authenticated, "{query:?} before a successful CONNECT");
+                    assert!(self.config.presence_history, "{query:?} while not enabled");
+                }
             }
         }
     }
@@ -395,10 +402,6 @@ impl Checker {
                     self.config.clientid_policy.allows(clientid, username),
                     "Authenticate as {clientid:?} for user {username:?}"
                 );
-            }
-            Call::Who { .. } | Call::History { .. } => {
-                assert!(self.authenticated, "{call:?} before a successful CONNECT");
-                assert!(self.config.presence_history, "{call:?} while not enabled");
             }
             Call::StartKeepalive { .. } => {}
             Call::Close => self.closed = true,

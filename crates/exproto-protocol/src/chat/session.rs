@@ -21,8 +21,15 @@ use crate::framer::{Frame, LineFramer};
 use crate::rate::TokenBucket;
 use crate::topic;
 use crate::{
-    Action, Call, CallResult, Event, ProtocolConfig, Secret, Session, SessionInit, TimerKind,
+    Action, Answer, Call, CallResult, Event, ProtocolConfig, Query, QueryError, Secret, Session,
+    SessionInit, TimerKind,
 };
+
+/// What came back for the call or query a command waited on.
+enum Outcome {
+    Call(CallResult),
+    Query(Result<Answer, QueryError>),
+}
 
 /// Where the connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,8 +130,13 @@ impl ChatSession {
     }
 
     fn call(&mut self, call: Call, out: &mut Vec<Action>) {
+        self.ask(Action::Call(call), out);
+    }
+
+    /// Ends the handle with a call or query, after the lines so far.
+    fn ask(&mut self, action: Action, out: &mut Vec<Action>) {
         self.flush(out);
-        out.push(Action::Call(call));
+        out.push(action);
     }
 
     fn reject(&mut self, reject: Reject) {
@@ -151,30 +163,30 @@ impl ChatSession {
             let Some(frame) = self.framer.next_frame() else {
                 break;
             };
-            let call = match frame {
+            let ask = match frame {
                 Frame::TooLong => {
                     self.reject(Reject::LineTooLong);
                     None
                 }
                 Frame::Line(line) => match self.line(&line) {
-                    Ok(call) => call,
+                    Ok(ask) => ask,
                     Err(reject) => {
                         self.reject(reject);
                         None
                     }
                 },
             };
-            if let Some(call) = call {
-                self.call(call, out);
+            if let Some(ask) = ask {
+                self.ask(ask, out);
                 return;
             }
         }
         self.flush(out);
     }
 
-    /// One line: its reply is written, or the call it needs is returned
-    /// (with `pending` set, or the phase closing).
-    fn line(&mut self, line: &Bytes) -> Result<Option<Call>, Reject> {
+    /// One line: its reply is written, or the call or query it needs is
+    /// returned (with `pending` set, or the phase closing).
+    fn line(&mut self, line: &Bytes) -> Result<Option<Action>, Reject> {
         if std::str::from_utf8(line).is_err() {
             return Err(Reject::InvalidUtf8);
         }
@@ -192,7 +204,9 @@ impl ChatSession {
                 clientid,
                 username,
                 password,
-            } => self.connect(clientid, username, password).map(Some),
+            } => self
+                .connect(clientid, username, password)
+                .map(|c| Some(Action::Call(c))),
             Command::Sub { filter, qos } => {
                 let filter = text_value(filter, "filter")?;
                 topic::validate_filter(&filter)?;
@@ -206,7 +220,7 @@ impl ChatSession {
                     filter: filter.clone(),
                     qos,
                 });
-                Ok(Some(Call::Subscribe { filter, qos }))
+                Ok(Some(Action::Call(Call::Subscribe { filter, qos })))
             }
             Command::Unsub { filter } => {
                 let filter = text_value(filter, "filter")?;
@@ -215,7 +229,7 @@ impl ChatSession {
                 self.pending = Some(Pending::Unsubscribe {
                     filter: filter.clone(),
                 });
-                Ok(Some(Call::Unsubscribe { filter }))
+                Ok(Some(Action::Call(Call::Unsubscribe { filter })))
             }
             Command::Pub {
                 topic: raw_topic,
@@ -239,11 +253,11 @@ impl ChatSession {
                 self.pending = Some(Pending::Publish {
                     topic: line.slice_ref(raw_topic),
                 });
-                Ok(Some(Call::Publish {
+                Ok(Some(Action::Call(Call::Publish {
                     topic,
                     qos,
                     payload,
-                }))
+                })))
             }
             Command::Ping => {
                 encode::pong(&mut self.out);
@@ -257,7 +271,7 @@ impl ChatSession {
                 encode::bye(&mut self.out);
                 self.phase = Phase::Closing;
                 self.framer.clear();
-                Ok(Some(Call::Close))
+                Ok(Some(Action::Call(Call::Close)))
             }
             Command::Who { prefix } => {
                 if !self.config.presence_history {
@@ -268,10 +282,10 @@ impl ChatSession {
                     None => String::new(),
                 };
                 self.pending = Some(Pending::Who);
-                Ok(Some(Call::Who {
+                Ok(Some(Action::Query(Query::Who {
                     prefix,
                     limit: self.config.who_max,
-                }))
+                })))
             }
             Command::History {
                 topic: raw_topic,
@@ -295,10 +309,10 @@ impl ChatSession {
                 self.pending = Some(Pending::History {
                     topic: topic.clone(),
                 });
-                Ok(Some(Call::History {
+                Ok(Some(Action::Query(Query::History {
                     topic,
                     limit: count,
-                }))
+                })))
             }
         }
     }
@@ -340,7 +354,13 @@ impl ChatSession {
 
     /// Writes the reply of the command whose call just returned. Returns
     /// `true` when it issued a follow-up call instead.
-    fn reply(&mut self, pending: Pending, result: CallResult, out: &mut Vec<Action>) -> bool {
+    fn reply(&mut self, pending: Pending, outcome: Outcome, out: &mut Vec<Action>) -> bool {
+        let (result, answer) = match outcome {
+            Outcome::Call(result) => (result, None),
+            // A query's answer where a call's was due is a driver bug;
+            // the command still gets a reply line.
+            Outcome::Query(answer) => (CallResult::Failed(String::new()), Some(answer)),
+        };
         match pending {
             Pending::Authenticate { clientid } => {
                 if result != CallResult::Ok {
@@ -381,14 +401,14 @@ impl ChatSession {
                 CallResult::Ok => encode::ok_pub(&mut self.out, &unescape(&topic)),
                 other => self.call_failed(other, 403),
             },
-            Pending::Who => match result {
-                CallResult::Who { total, ids } => {
+            Pending::Who => match answer {
+                Some(Ok(Answer::Who { total, ids })) => {
                     encode::ok_who(&mut self.out, total, ids.iter().map(String::as_str));
                 }
-                other => self.store_failed(other),
+                other => self.query_failed(other),
             },
-            Pending::History { topic } => match result {
-                CallResult::History(messages) => {
+            Pending::History { topic } => match answer {
+                Some(Ok(Answer::History(messages))) => {
                     for m in &messages {
                         encode::hist(
                             &mut self.out,
@@ -400,21 +420,21 @@ impl ChatSession {
                     }
                     encode::ok_history(&mut self.out, topic.as_bytes(), messages.len());
                 }
-                other => self.store_failed(other),
+                other => self.query_failed(other),
             },
         }
         false
     }
 
-    /// The `ERR` line for a `WHO` or `HISTORY` the store could not answer.
-    /// Unlike EMQX's, the driver's reasons are our own words
-    /// (`store unavailable`), so they are passed on.
-    fn store_failed(&mut self, result: CallResult) {
-        match result {
-            CallResult::Failed(reason) if !reason.is_empty() => {
-                encode::err(&mut self.out, 500, reason.as_bytes());
-            }
-            other => self.call_failed(other, 403),
+    /// The `ERR` line for a `WHO` or `HISTORY` the store could not answer:
+    /// the error's own words (`store unavailable`), which are ours, not
+    /// EMQX's.
+    fn query_failed(&mut self, answer: Option<Result<Answer, QueryError>>) {
+        match answer {
+            Some(Err(e)) => encode::err_display(&mut self.out, 500, &e),
+            // An answer of the wrong kind, or a call's reply: a driver bug,
+            // still worth a reply line.
+            _ => encode::err(&mut self.out, 500, b"gateway failed"),
         }
     }
 
@@ -432,9 +452,7 @@ impl ChatSession {
             CallResult::Unreachable => (503, "emqx unreachable"),
             // Callers pass failures only; an `Ok` here would be a bug of
             // ours, and still deserves a reply line.
-            CallResult::Ok | CallResult::Who { .. } | CallResult::History(_) => {
-                (500, "gateway failed")
-            }
+            CallResult::Ok => (500, "gateway failed"),
         };
         encode::err(&mut self.out, code, reason.as_bytes());
     }
@@ -479,6 +497,22 @@ impl Session for ChatSession {
 }
 
 impl ChatSession {
+    /// The call or query a command waited on came back: its reply, then the
+    /// lines that waited behind it.
+    fn resume(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        if self.reply(pending, outcome, out) {
+            return;
+        }
+        if self.deadline_due && self.phase == Phase::LoggingIn {
+            self.login_timeout(out);
+        } else {
+            self.drain(out);
+        }
+    }
+
     fn handle_event(&mut self, event: Event, out: &mut Vec<Action>) {
         if self.is_over() {
             if let Event::Closed(_) = event {
@@ -528,19 +562,8 @@ impl ChatSession {
                     }
                 }
             }
-            Event::Reply(result) => {
-                let Some(pending) = self.pending.take() else {
-                    return;
-                };
-                if self.reply(pending, result, out) {
-                    return;
-                }
-                if self.deadline_due && self.phase == Phase::LoggingIn {
-                    self.login_timeout(out);
-                } else {
-                    self.drain(out);
-                }
-            }
+            Event::Reply(result) => self.resume(Outcome::Call(result), out),
+            Event::Answer(answer) => self.resume(Outcome::Query(answer), out),
             Event::Closed(_) => {
                 self.phase = Phase::Closed;
                 self.pending = None;
@@ -568,7 +591,10 @@ mod tests {
     struct Harness {
         session: ChatSession,
         script: VecDeque<CallResult>,
+        /// Answers for queries, apart from the calls' replies.
+        answers: VecDeque<Result<Answer, QueryError>>,
         calls: Vec<Call>,
+        queries: Vec<Query>,
         wire: Vec<u8>,
         sends: usize,
         deadlines: Vec<Option<Duration>>,
@@ -579,7 +605,9 @@ mod tests {
             Self {
                 session: ChatSession::new(config, SessionInit { random: RANDOM }),
                 script: VecDeque::new(),
+                answers: VecDeque::new(),
                 calls: Vec::new(),
+                queries: Vec::new(),
                 wire: Vec::new(),
                 sends: 0,
                 deadlines: Vec::new(),
@@ -607,6 +635,16 @@ mod tests {
             self
         }
 
+        /// Scripts the answers of the next queries; an empty script answers
+        /// with nothing found.
+        fn answers(
+            &mut self,
+            answers: impl IntoIterator<Item = Result<Answer, QueryError>>,
+        ) -> &mut Self {
+            self.answers.extend(answers);
+            self
+        }
+
         /// Feeds one event, then keeps answering calls like a driver.
         fn feed(&mut self, event: Event) {
             let mut next = Some(event);
@@ -627,6 +665,19 @@ mod tests {
                             self.calls.push(call);
                             let result = self.script.pop_front().unwrap_or(CallResult::Ok);
                             next = Some(Event::Reply(result));
+                        }
+                        Action::Query(query) => {
+                            assert_eq!(i, last, "a query must be the last action");
+                            let nothing = match query {
+                                Query::Who { .. } => Answer::Who {
+                                    total: 0,
+                                    ids: vec![],
+                                },
+                                Query::History { .. } => Answer::History(vec![]),
+                            };
+                            self.queries.push(query);
+                            let answer = self.answers.pop_front().unwrap_or(Ok(nothing));
+                            next = Some(Event::Answer(answer));
                         }
                     }
                 }
@@ -1413,27 +1464,23 @@ mod tests {
     #[test]
     fn who_lists_what_the_service_answers() {
         let mut h = Harness::connected(enabled());
-        h.answer([CallResult::Who {
+        h.answers([Ok(Answer::Who {
             total: 3,
             ids: vec!["alice".into(), "b c".into(), ":x".into()],
-        }]);
+        })]);
         assert_eq!(h.say("WHO\n"), "OK WHO 3 :alice b\\sc \\x3Ax\n");
         assert_eq!(
-            h.calls,
-            vec![Call::Who {
+            h.queries,
+            vec![Query::Who {
                 prefix: String::new(),
                 limit: 100
             }]
         );
         // The prefix is unescaped and checked like any text value.
-        h.answer([CallResult::Who {
-            total: 0,
-            ids: vec![],
-        }]);
         assert_eq!(h.say("who al\\x69\n"), "OK WHO 0 :\n");
         assert_eq!(
-            h.calls[1],
-            Call::Who {
+            h.queries[1],
+            Query::Who {
                 prefix: "ali".into(),
                 limit: 100
             }
@@ -1442,21 +1489,17 @@ mod tests {
             h.say("WHO \\xFF\n"),
             "ERR 400 :prefix must be utf-8 without NUL\n"
         );
-        h.answer([CallResult::Failed("store unavailable".into())]);
+        h.answers([Err(QueryError::Unavailable)]);
         assert_eq!(h.say("WHO\n"), "ERR 500 :store unavailable\n");
         // The configured maximum goes to the service.
         let mut h = Harness::connected(ProtocolConfig {
             who_max: 7,
             ..enabled()
         });
-        h.answer([CallResult::Who {
-            total: 0,
-            ids: vec![],
-        }]);
         h.say("WHO a\n");
         assert_eq!(
-            h.calls,
-            vec![Call::Who {
+            h.queries,
+            vec![Query::Who {
                 prefix: "a".into(),
                 limit: 7
             }]
@@ -1482,14 +1525,14 @@ mod tests {
             h.say("SUB chat/+\nHISTORY chat/a\n"),
             "ERR 403 :not authorized\nERR 403 :no subscription matches the topic\n"
         );
-        h.answer([CallResult::Ok, CallResult::History(vec![])]);
+        h.answer([CallResult::Ok]);
         assert_eq!(
             h.say("SUB chat/+\nHISTORY chat/a\nHISTORY chat/a/b\n"),
             "OK SUB chat/+ 0\nOK HISTORY chat/a 0\n\
              ERR 403 :no subscription matches the topic\n"
         );
         // UNSUB takes the right away again; a shared subscription grants it.
-        h.answer([CallResult::Ok, CallResult::Ok, CallResult::History(vec![])]);
+        h.answer([CallResult::Ok, CallResult::Ok]);
         assert_eq!(
             h.say("UNSUB chat/+\nHISTORY chat/a\nSUB $share/g/chat/#\nHISTORY chat/a/b\n"),
             "OK UNSUB chat/+\nERR 403 :no subscription matches the topic\n\
@@ -1500,14 +1543,12 @@ mod tests {
     #[test]
     fn history_replays_hist_lines_then_ok() {
         let mut h = Harness::connected(enabled());
-        h.answer([
-            CallResult::Ok,
-            CallResult::History(vec![
-                stored("chat/a", "alice", 1_700_000_000_000, b"hello"),
-                stored("chat/a", "", 1_700_000_000_001, b"x\ny"),
-                stored("chat/a", "-", 1_700_000_000_002, b"\xff"),
-            ]),
-        ]);
+        h.answer([CallResult::Ok]);
+        h.answers([Ok(Answer::History(vec![
+            stored("chat/a", "alice", 1_700_000_000_000, b"hello"),
+            stored("chat/a", "", 1_700_000_000_001, b"x\ny"),
+            stored("chat/a", "-", 1_700_000_000_002, b"\xff"),
+        ]))]);
         assert_eq!(
             h.say("SUB chat/#\nHISTORY chat/a 3\nPING\n"),
             "OK SUB chat/# 0\n\
@@ -1517,36 +1558,34 @@ mod tests {
              OK HISTORY chat/a 3\nPONG\n"
         );
         assert_eq!(
-            h.calls[1],
-            Call::History {
+            h.queries[0],
+            Query::History {
                 topic: "chat/a".into(),
                 limit: 3
             }
         );
         // The default count, capped by the configured maximum.
-        h.answer([CallResult::History(vec![])]);
         h.say("HISTORY chat/b\n");
         assert_eq!(
-            h.calls[2],
-            Call::History {
+            h.queries[1],
+            Query::History {
                 topic: "chat/b".into(),
                 limit: 20
             }
         );
-        h.answer([CallResult::Failed("store unavailable".into())]);
+        h.answers([Err(QueryError::Unavailable)]);
         assert_eq!(h.say("HISTORY chat/a\n"), "ERR 500 :store unavailable\n");
         let mut h = Harness::connected(ProtocolConfig {
             history_max: 5,
             ..enabled()
         });
-        h.answer([CallResult::Ok, CallResult::History(vec![])]);
         assert_eq!(
             h.say("SUB #\nHISTORY t 6\nHISTORY t\n"),
             "OK SUB # 0\nERR 400 :count must be 1 to 5\nOK HISTORY t 0\n"
         );
         assert_eq!(
-            h.calls[1],
-            Call::History {
+            h.queries[0],
+            Query::History {
                 topic: "t".into(),
                 limit: 5
             }
@@ -1561,26 +1600,43 @@ mod tests {
             .handle(Event::Bytes(Bytes::from_static(b"WHO\nPING\n")), &mut out);
         assert_eq!(
             out,
-            vec![Action::Call(Call::Who {
+            vec![Action::Query(Query::Who {
                 prefix: String::new(),
                 limit: 100
             })]
         );
         out.clear();
         h.session.handle(
-            Event::Reply(CallResult::Who {
+            Event::Answer(Ok(Answer::Who {
                 total: 1,
                 ids: vec!["alice".into()],
-            }),
+            })),
             &mut out,
         );
         assert_eq!(
             out,
             vec![Action::Send(Bytes::from_static(b"OK WHO 1 :alice\nPONG\n"))]
         );
-        // An answer meant for another call is a bug of ours: still a reply.
-        h.answer([CallResult::History(vec![])]);
-        assert_eq!(h.say("SUB a\n"), "ERR 500 :gateway failed\n");
+        // An outcome of the wrong kind is a bug of ours: still a reply,
+        // either way round.
+        out.clear();
+        h.session
+            .handle(Event::Bytes(Bytes::from_static(b"SUB a\nWHO\n")), &mut out);
+        out.clear();
+        h.session
+            .handle(Event::Answer(Ok(Answer::History(vec![]))), &mut out);
+        assert!(
+            matches!(&out[..], [Action::Send(_), Action::Query(_)]),
+            "{out:?}"
+        );
+        out.clear();
+        h.session.handle(Event::Reply(CallResult::Ok), &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Send(Bytes::from_static(
+                b"ERR 500 :gateway failed\n"
+            ))]
+        );
     }
 
     /// A session of commands that touch every path, for split tests.
@@ -1647,12 +1703,28 @@ mod tests {
             1 => Just(CallResult::Unreachable),
             1 => ".{0,8}".prop_map(CallResult::Denied),
             1 => ".{0,8}".prop_map(CallResult::Failed),
-            1 => (0u64..5, proptest::collection::vec(".{0,4}", 0..3))
-                .prop_map(|(total, ids)| CallResult::Who { total, ids }),
-            1 => proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..8), 0..3)
-                .prop_map(|ps| CallResult::History(
+        ]
+    }
+
+    fn arbitrary_answer() -> impl Strategy<Value = Result<Answer, QueryError>> {
+        prop_oneof![
+            (0u64..5, proptest::collection::vec(".{0,4}", 0..3))
+                .prop_map(|(total, ids)| Ok(Answer::Who { total, ids })),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..8), 0..3).prop_map(
+                |ps| Ok(Answer::History(
                     ps.iter().map(|p| message("t", "f", p)).collect()
-                )),
+                ))
+            ),
+            Just(Err(QueryError::Unavailable)),
+        ]
+    }
+
+    /// Replies and answers as events of their own, whether or not anything
+    /// was asked, and of the right kind or not.
+    fn arbitrary_outcome() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            arbitrary_result().prop_map(Event::Reply),
+            arbitrary_answer().prop_map(Event::Answer),
         ]
     }
 
@@ -1671,7 +1743,7 @@ mod tests {
             1 => Just(Event::Deadline),
             1 => Just(Event::TimerFired(TimerKind::Keepalive)),
             1 => Just(Event::Closed(String::new())),
-            1 => arbitrary_result().prop_map(Event::Reply),
+            1 => arbitrary_outcome(),
             1 => proptest::collection::vec(any::<u8>(), 0..8)
                 .prop_map(|p| Event::Messages(vec![message("t", "f", &p)])),
         ]
@@ -1684,6 +1756,7 @@ mod tests {
         fn arbitrary_events_never_panic(
             events in proptest::collection::vec(arbitrary_event(), 0..24),
             results in proptest::collection::vec(arbitrary_result(), 0..8),
+            answers in proptest::collection::vec(arbitrary_answer(), 0..4),
             max_line in 0usize..64,
             presence_history in any::<bool>(),
         ) {
@@ -1695,6 +1768,7 @@ mod tests {
             });
             h.feed(Event::Created(ConnMeta::default()));
             h.answer(results);
+            h.answers(answers);
             for event in events {
                 h.feed(event);
             }

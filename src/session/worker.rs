@@ -1,0 +1,214 @@
+//! A connection's worker: drains its mailbox through its [`Connection`],
+//! carries out the requests the connection makes, and sends its output in
+//! as few `Send`s as the order allows.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+
+use super::{queries, Driver, CLIENTID_NOT_ALLOWED};
+use crate::emqx::{EmqxError, Op};
+use crate::protocol::{Call, CallResult, Connection, Event, Request};
+use crate::registry::{Entry, Item};
+use crate::telemetry;
+
+/// Whether a session goes on after an item.
+pub(super) enum Flow {
+    Continue,
+    End(&'static str),
+}
+
+/// EMQX says the connection process is gone: nothing can reach the client.
+struct Gone;
+
+impl Driver {
+    /// Runs until the mailbox is empty and the output sent, then parks the
+    /// connection in its entry.
+    pub(super) async fn work(self: Arc<Self>, entry: Arc<Entry>) {
+        let Some(mut connection) = entry.lock().connection.take() else {
+            return;
+        };
+        // The session's count is cumulative; each run reports what it added.
+        let mut parse_errors = connection.parse_errors();
+        // Events handled whose output still waits in the connection: they
+        // count as pending work until it is sent. An event's output waits
+        // while the next event is already queued, so that both go in one
+        // `Send` (a reply and the MSG that follows it, say): one call
+        // fewer, same order.
+        let mut unsent = 0;
+        loop {
+            let item = {
+                let mut inner = entry.lock();
+                match inner.queue.pop_front() {
+                    Some(item) => Some(item),
+                    None if connection.has_output() => None,
+                    None => {
+                        inner.connection = Some(connection);
+                        inner.running = false;
+                        // An idle connection keeps no mailbox buffer: with
+                        // 100k connections its few hundred bytes add up.
+                        inner.queue = VecDeque::new();
+                        return;
+                    }
+                }
+            };
+            let Some(item) = item else {
+                // Nothing more to merge with: send, then look again.
+                let flow = self.flush(&entry.conn, &mut connection).await;
+                self.budget.release(std::mem::take(&mut unsent));
+                if let Flow::End(why) = flow {
+                    self.end(&entry, why);
+                    return;
+                }
+                continue;
+            };
+            entry.drained().notify_waiters();
+            let flow = self.process(&entry, &mut connection, item).await;
+            unsent += 1;
+            if !connection.has_output() || matches!(flow, Flow::End(_)) {
+                self.budget.release(std::mem::take(&mut unsent));
+            }
+            let now = connection.parse_errors();
+            if now > parse_errors {
+                telemetry::parse_errors(now - parse_errors);
+                parse_errors = now;
+            }
+            if let Flow::End(why) = flow {
+                self.end(&entry, why);
+                return;
+            }
+            self.arm(&entry, &connection);
+        }
+    }
+
+    fn end(&self, entry: &Arc<Entry>, why: &'static str) {
+        debug!(conn = %entry.conn, why, "session ended");
+        if self.registry.remove(entry) {
+            self.admission.leave();
+            telemetry::connections(-1.0);
+        }
+        let dropped = {
+            let mut inner = entry.lock();
+            inner.ended = true;
+            let dropped = inner.queue.len();
+            inner.queue = VecDeque::new();
+            inner.running = false;
+            dropped
+        };
+        self.budget.release(dropped);
+        entry.drained().notify_waiters();
+    }
+
+    /// One mailbox item, with every request it leads to.
+    async fn process(&self, entry: &Entry, connection: &mut Connection, item: Item) -> Flow {
+        let conn = &entry.conn;
+        // Bytes carried over from earlier events go out before this event
+        // waits on anything, so they are never held up by a round trip.
+        let mut carried = connection.has_output();
+        let mut closed = false;
+        match item {
+            Item::Probe => {
+                if let Flow::End(why) = self.flush(conn, connection).await {
+                    return Flow::End(why);
+                }
+                return match self.calls.call(conn, Op::Send(bytes::Bytes::new())).await {
+                    Err(EmqxError::Gone) => Flow::End("gone (probe)"),
+                    _ => Flow::Continue,
+                };
+            }
+            Item::Timeout => {
+                if !connection.handle_timeout(self.registry.now_ms()) {
+                    return Flow::Continue;
+                }
+            }
+            Item::Event(event) => {
+                closed = matches!(event, Event::Closed(_));
+                connection.handle(event, self.registry.now_ms());
+            }
+        }
+        while let Some(request) = connection.poll_request() {
+            // What was said before closing must reach the client first.
+            let is_close = request == Request::Call(Call::Close);
+            if carried || is_close {
+                carried = false;
+                if let Flow::End(why) = self.flush(conn, connection).await {
+                    return Flow::End(why);
+                }
+            }
+            let outcome = match request {
+                Request::Query(query) => {
+                    Event::Answer(queries::answer(self.store.as_ref(), conn, query).await)
+                }
+                Request::Call(call) => match self.call(conn, call).await {
+                    Ok(result) => Event::Reply(result),
+                    Err(Gone) => return Flow::End("gone"),
+                },
+            };
+            connection.handle(outcome, self.registry.now_ms());
+        }
+        if closed {
+            if let Flow::End(why) = self.flush(conn, connection).await {
+                return Flow::End(why);
+            }
+            return Flow::End("closed");
+        }
+        // Whatever output is left goes with the next queued event's, or
+        // alone once the mailbox is empty (see `work`).
+        Flow::Continue
+    }
+
+    /// One call a session asked for, in the terms it needs for its reply.
+    async fn call(&self, conn: &str, call: Call) -> Result<CallResult, Gone> {
+        if let Call::Authenticate {
+            clientid, username, ..
+        } = &call
+        {
+            if !self.config.clientid_policy.allows(clientid, username) {
+                debug!(%conn, %clientid, %username, "clientid not allowed for this user");
+                return Ok(CallResult::Denied(CLIENTID_NOT_ALLOWED.into()));
+            }
+        }
+        // A keepalive that failed to start leaves the client connected
+        // without one: worth an operator's attention. Other failures are
+        // the client's answer.
+        let loud = matches!(call, Call::StartKeepalive { .. });
+        let method = call.method();
+        let result = if call == Call::Close {
+            self.calls.deliver(conn, Op::Call(call)).await
+        } else {
+            self.calls.call(conn, Op::Call(call)).await
+        };
+        let reply = match result {
+            Ok(()) => CallResult::Ok,
+            Err(EmqxError::Gone) => return Err(Gone),
+            Err(EmqxError::Denied(m)) => CallResult::Denied(m),
+            Err(EmqxError::Rejected { message, .. }) => CallResult::Failed(message),
+            Err(EmqxError::Unreachable(_)) => CallResult::Unreachable,
+        };
+        if reply != CallResult::Ok {
+            if loud {
+                warn!(%conn, method, ?reply, "EMQX call failed");
+            } else {
+                debug!(%conn, method, ?reply, "EMQX call failed");
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Sends the connection's waiting output, if any; ends the session when
+    /// EMQX says the connection is gone.
+    async fn flush(&self, conn: &str, connection: &mut Connection) -> Flow {
+        if !connection.has_output() {
+            return Flow::Continue;
+        }
+        match self
+            .calls
+            .deliver(conn, Op::Send(connection.take_output()))
+            .await
+        {
+            Err(EmqxError::Gone) => Flow::End("gone"),
+            _ => Flow::Continue,
+        }
+    }
+}
