@@ -2,13 +2,14 @@
 //!
 //! Framing comes before parsing so that the parser only ever sees one
 //! complete line, and so that a client that never sends an LF cannot make a
-//! connection buffer without bound. Like `LinesCodec::new_with_max_length`,
-//! an over-long line is reported and skipped up to its LF, and the stream
-//! goes on; unlike it, the report comes as soon as the limit is passed, so a
-//! client that streams one endless line hears about it at once.
-//!
-//! Lines that lie within one pushed chunk are handed out as zero-copy slices
-//! of that chunk; only a line that spans chunks is copied.
+//! connection buffer without bound. As with tokio-util's
+//! `LinesCodec::new_with_max_length`, an over-long line is reported as soon
+//! as the limit is passed (a client that streams one endless line hears
+//! about it at once) and skipped up to its LF, and the stream goes on.
+//! Unlike it, lines come out as bytes, not `String`s: a line that is not
+//! UTF-8 is the session's to answer (`ERR 400`), not an error that ends the
+//! stream, and lines that lie within one pushed chunk are handed out as
+//! zero-copy slices of that chunk; only a line that spans chunks is copied.
 
 use std::collections::VecDeque;
 
