@@ -8,8 +8,9 @@ use anyhow::Context;
 use exproto_adapter::config::{parse_clientid_policy, parse_seconds, parse_store, ServeArgs};
 use exproto_adapter::dev_gateway::{DevGateway, GatewayArgs};
 use exproto_adapter::protocol::ClientidPolicy;
+use exproto_adapter::server::{RunningAdapter, Server};
 use exproto_adapter::store::StoreUrl;
-use exproto_adapter::{config_file, server, telemetry};
+use exproto_adapter::{config_file, telemetry};
 
 /// An EMQX ExProto handler: lets raw TCP clients speak a line protocol to
 /// the EMQX MQTT broker.
@@ -175,7 +176,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics {
         metrics_on(addr).await?;
     }
-    let adapter = server::start(&serve.to_config()).await?;
+    let adapter = Server::builder(serve.to_config()).start().await?;
     let mut gateway_config = args.gateway.into_config()?;
     if let Some(hooks) = adapter.hooks().and_then(|h| h.addr()) {
         gateway_config.exhook = Some(format!("http://{hooks}"));
@@ -264,7 +265,7 @@ async fn shutdown_signal() {
 
 /// Runs the adapter until SIGTERM/SIGINT: the first drains it, a second
 /// exits at once.
-async fn run_until_signalled(mut adapter: server::RunningAdapter) -> anyhow::Result<()> {
+async fn run_until_signalled(mut adapter: RunningAdapter) -> anyhow::Result<()> {
     let mut signals = Signals::new();
     let (first, first_rx) = tokio::sync::oneshot::channel::<()>();
     let mut first = Some(first);
@@ -386,7 +387,7 @@ async fn run() -> anyhow::Result<()> {
             if let Some(addr) = args.metrics {
                 metrics_on(addr).await?;
             }
-            let adapter = server::start(&args.to_config()).await?;
+            let adapter = Server::builder(args.to_config()).start().await?;
             run_until_signalled(adapter).await?;
         }
         Command::DevGateway(args) => {

@@ -1,6 +1,7 @@
-//! Starts the handler gRPC server: both handler services on one port, over a
-//! shared [`Driver`]; and, when presence and history are enabled, the
-//! ExHook server and the store the driver reads `WHO` and `HISTORY` from.
+//! Starts the adapter, one way for every caller ([`Server::builder`]): the
+//! handler gRPC server, both handler services on one port over a shared
+//! [`Driver`]; and, when presence and history are enabled, the ExHook
+//! server and the store the driver reads `WHO` and `HISTORY` from.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,7 +33,8 @@ pub struct AdapterConfig {
     pub emqx: String,
     /// Bound on each call to EMQX.
     pub call_timeout: Duration,
-    /// A built-in protocol's name (see [`protocol::NAMES`]).
+    /// A built-in protocol's name (see [`protocol::NAMES`]), served unless
+    /// a protocol is registered with [`ServerBuilder::protocol`].
     pub protocol_name: String,
     /// The protocol's settings. Its `clientid_policy` binds the driver too
     /// (which checks every protocol's Authenticate), whatever `driver` says.
@@ -229,31 +231,200 @@ impl RunningAdapter {
     }
 }
 
-/// Binds and starts the adapter with a built-in protocol.
-///
-/// # Errors
-/// Unknown protocol, bad EMQX URL, or the address cannot be bound.
-pub async fn start(config: &AdapterConfig) -> anyhow::Result<RunningAdapter> {
-    start_with(config, builtin_protocol(config)?).await
+/// Where every adapter starts: [`Server::builder`] takes the settings, the
+/// builder takes what a caller provides instead of the defaults, and
+/// [`ServerBuilder::start`] runs it. `serve`, `demo`, the tests and the
+/// examples all start the adapter this way, so none of them can miss a
+/// part (TLS, health, presence) that another one has.
+pub enum Server {}
+
+impl Server {
+    /// A builder for an adapter with `config`. Without anything else it
+    /// binds `config.listen`, serves the built-in protocol
+    /// `config.protocol_name`, dials `config.emqx`, and runs presence and
+    /// history when `config.presence` is set.
+    pub fn builder(config: AdapterConfig) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            protocols: Vec::new(),
+            handler_listener: None,
+            hook_listener: None,
+            emqx: None,
+        }
+    }
 }
 
-/// Starts the adapter with a built-in protocol on listeners the caller has
-/// bound: the handler's, and the hook server's when presence is enabled
-/// (`None` binds `exhook_listen`). Binding first, on port 0, gives the
-/// addresses to a peer that must know them before the adapter runs, e.g.
-/// a gateway that calls both.
-///
-/// # Errors
-/// As [`start`]; also a hook listener given without presence settings.
-pub async fn start_on(
-    config: &AdapterConfig,
-    listener: TcpListener,
-    exhook: Option<TcpListener>,
-) -> anyhow::Result<RunningAdapter> {
-    if exhook.is_some() && config.presence.is_none() {
-        anyhow::bail!("an ExHook listener needs the presence settings (AdapterConfig::presence)");
+/// What [`Server::builder`] returns; see there.
+#[must_use = "the adapter runs only once `start` is awaited"]
+pub struct ServerBuilder {
+    config: AdapterConfig,
+    /// The protocols to serve, e.g. ones defined outside this crate. A
+    /// list, so that listeners can later each choose one of them; today
+    /// the one handler listener serves at most one.
+    protocols: Vec<Arc<dyn Protocol>>,
+    handler_listener: Option<TcpListener>,
+    hook_listener: Option<TcpListener>,
+    /// Tests put a fake EMQX here.
+    emqx: Option<Arc<dyn ConnectionAdapter>>,
+}
+
+impl ServerBuilder {
+    /// Serves `protocol` instead of the built-in `config.protocol_name`.
+    /// Whether it answers `WHO` and `HISTORY` is the protocol's own
+    /// business; the store it reads them from runs when `config.presence`
+    /// is set.
+    pub fn protocol(mut self, protocol: Arc<dyn Protocol>) -> Self {
+        self.protocols.push(protocol);
+        self
     }
-    start_inner(config, builtin_protocol(config)?, listener, exhook).await
+
+    /// Serves the handler services on `listener` instead of binding
+    /// `config.listen`. Binding first, on port 0, gives the address to a
+    /// peer that must know it before the adapter runs, e.g. a gateway.
+    pub fn handler_listener(mut self, listener: TcpListener) -> Self {
+        self.handler_listener = Some(listener);
+        self
+    }
+
+    /// Serves the ExHook server on `listener` instead of binding
+    /// `config.presence`'s `exhook_listen`.
+    pub fn hook_listener(mut self, listener: TcpListener) -> Self {
+        self.hook_listener = Some(listener);
+        self
+    }
+
+    /// Calls `emqx` instead of dialling `config.emqx` (whose TLS settings
+    /// are then not used).
+    pub fn emqx(mut self, emqx: Arc<dyn ConnectionAdapter>) -> Self {
+        self.emqx = Some(emqx);
+        self
+    }
+
+    /// Starts the adapter: the handler server, and the hook server and
+    /// store when presence is configured.
+    ///
+    /// # Errors
+    /// More than one protocol registered, an unknown built-in protocol, a
+    /// hook listener without presence settings, a bad EMQX URL, TLS files
+    /// that cannot be used, an address that cannot be bound, or a store
+    /// that cannot be opened.
+    pub async fn start(self) -> anyhow::Result<RunningAdapter> {
+        let Self {
+            config,
+            protocols,
+            handler_listener,
+            hook_listener,
+            emqx,
+        } = self;
+        if hook_listener.is_some() && config.presence.is_none() {
+            anyhow::bail!(
+                "an ExHook listener needs the presence settings (AdapterConfig::presence)"
+            );
+        }
+        let protocol = match protocols.as_slice() {
+            [] => builtin_protocol(&config)?,
+            [one] => one.clone(),
+            many => anyhow::bail!(
+                "{} protocols registered; an adapter serves one for now",
+                many.len()
+            ),
+        };
+        let emqx = match emqx {
+            Some(emqx) => emqx,
+            None => dial_emqx(&config)?,
+        };
+        // Everything that can refuse the settings comes before anything is
+        // bound or started, so a refusal leaves nothing running.
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(files) = &config.tls {
+            let tls = crate::tls::server_config(files)?;
+            builder = builder.tls_config(tls).context("handler TLS settings")?;
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let (reflection_v1, reflection_v1alpha) = reflection(
+            &["emqx.exproto.v1"],
+            &[tonic_health::pb::FILE_DESCRIPTOR_SET],
+            &[
+                crate::pb::connection_unary_handler_server::SERVICE_NAME,
+                crate::pb::connection_handler_server::SERVICE_NAME,
+                tonic_health::pb::health_server::SERVICE_NAME,
+            ],
+        )?;
+        let listener = match handler_listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        };
+        let addr = listener.local_addr()?;
+        let (presence, reader) = match &config.presence {
+            Some(c) => {
+                let p = Presence::start(c, hook_listener).await?;
+                let reader = StoreReader {
+                    store: p.store.clone(),
+                    timeout: c.read_timeout,
+                };
+                (Some(p), Some(reader))
+            }
+            None => (None, None),
+        };
+        let driver_config = DriverConfig {
+            clientid_policy: config.protocol.clientid_policy,
+            ..config.driver.clone()
+        };
+        let driver = Driver::with_store(protocol, emqx, driver_config, reader);
+        {
+            let health = health.clone();
+            tokio::spawn(async move {
+                health
+                    .set_serving::<ConnectionUnaryHandlerServer<UnaryHandler>>()
+                    .await;
+                health
+                    .set_serving::<ConnectionHandlerServer<StreamHandler>>()
+                    .await;
+            });
+        }
+        // The standard health service (for orchestrators and
+        // grpc_health_probe) and reflection (for grpcurl, grpcui, Postman)
+        // share the handler's port.
+        let router = builder
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ConnectionUnaryHandlerServer::new(UnaryHandler::new(
+                driver.clone(),
+            )))
+            .add_service(ConnectionHandlerServer::new(StreamHandler::new(
+                driver.clone(),
+            )));
+        let (stop, stopped) = oneshot::channel::<()>();
+        // tonic does not apply its own tcp_nodelay to an incoming stream we
+        // hand it; Nagle would add tens of ms to every small reply.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        }));
+        tracing::info!(%addr, protocol = driver.protocol().name(), tls = config.tls.is_some(), "handler listening");
+        Ok(RunningAdapter {
+            addr,
+            driver,
+            stop: Some(stop),
+            task,
+            grace: config.shutdown_grace,
+            health,
+            presence,
+        })
+    }
+}
+
+/// The EMQX client `config` describes; it connects on its first call.
+fn dial_emqx(config: &AdapterConfig) -> anyhow::Result<Arc<dyn ConnectionAdapter>> {
+    let tls = crate::tls::emqx_config(&config.emqx, &config.emqx_tls)?;
+    let emqx = GrpcAdapter::with_tls(&config.emqx, config.call_timeout, tls)
+        .with_context(|| format!("invalid EMQX URL or TLS settings {:?}", config.emqx))?;
+    Ok(Arc::new(emqx))
 }
 
 /// The built-in protocol `config` names, with WHO and HISTORY enabled
@@ -270,130 +441,62 @@ fn builtin_protocol(config: &AdapterConfig) -> anyhow::Result<Arc<dyn Protocol>>
     })
 }
 
-/// Binds and starts the adapter with any [`Protocol`], e.g. one defined
-/// outside this crate.
+/// gRPC reflection for one port, in both versions clients ask for: `v1`
+/// (grpcurl) and `v1alpha` (grpcui, Postman, Python's grpcio-reflection).
+/// Each lists exactly `services` and the two reflection services, and
+/// describes only those, from the crate's .proto files of `packages` plus
+/// `extra` encoded descriptor sets: a port that described every vendored
+/// file would advertise services that live on another port, or nowhere.
 ///
 /// # Errors
-/// Bad EMQX URL, TLS files that cannot be used, or the address cannot be
-/// bound.
-pub async fn start_with(
-    config: &AdapterConfig,
-    protocol: Arc<dyn Protocol>,
-) -> anyhow::Result<RunningAdapter> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    start_inner(config, protocol, listener, None).await
-}
+/// Descriptor sets that cannot be decoded.
+pub(crate) fn reflection(
+    packages: &[&str],
+    extra: &[&'static [u8]],
+    services: &[&'static str],
+) -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    use prost::Message;
+    use tonic_reflection::pb::{v1, v1alpha};
 
-async fn start_inner(
-    config: &AdapterConfig,
-    protocol: Arc<dyn Protocol>,
-    listener: TcpListener,
-    exhook: Option<TcpListener>,
-) -> anyhow::Result<RunningAdapter> {
-    let emqx_tls = crate::tls::emqx_config(&config.emqx, &config.emqx_tls)?;
-    let emqx = GrpcAdapter::with_tls(&config.emqx, config.call_timeout, emqx_tls)
-        .with_context(|| format!("invalid EMQX URL or TLS settings {:?}", config.emqx))?;
-    let (presence, reader) = match &config.presence {
-        Some(c) => {
-            let p = Presence::start(c, exhook).await?;
-            let reader = StoreReader {
-                store: p.store.clone(),
-                timeout: c.read_timeout,
-            };
-            (Some(p), Some(reader))
+    let mut own = prost_types::FileDescriptorSet::decode(crate::DESCRIPTORS)
+        .context("the crate's own descriptors")?;
+    own.file.retain(|f| packages.contains(&f.package()));
+    // exproto.proto also holds EMQX's own ConnectionAdapter, which a
+    // client would otherwise find by name here and call in vain.
+    for file in &mut own.file {
+        let package = file.package().to_owned();
+        file.service
+            .retain(|s| services.contains(&format!("{package}.{}", s.name()).as_str()));
+    }
+    // Both versions are served, so each lists and describes both; the
+    // builder's own inclusion would give each only its own version.
+    let configure = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_file_descriptor_set(own.clone())
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(v1alpha::FILE_DESCRIPTOR_SET);
+        for set in extra {
+            b = b.register_encoded_file_descriptor_set(set);
         }
-        None => (None, None),
+        let reflection = [
+            v1::server_reflection_server::SERVICE_NAME,
+            v1alpha::server_reflection_server::SERVICE_NAME,
+        ];
+        for name in services.iter().chain(&reflection) {
+            b = b.with_service_name(*name);
+        }
+        b
     };
-    let mut adapter = serve_inner(listener, config, protocol, Arc::new(emqx), reader)?;
-    adapter.presence = presence;
-    Ok(adapter)
-}
-
-/// Serves on an already bound listener with any EMQX client (tests use this
-/// with fakes).
-///
-/// # Errors
-/// When the listener's address cannot be read, or the TLS files cannot be
-/// used.
-pub fn serve(
-    listener: TcpListener,
-    config: &AdapterConfig,
-    protocol: Arc<dyn Protocol>,
-    emqx: Arc<dyn ConnectionAdapter>,
-) -> anyhow::Result<RunningAdapter> {
-    serve_inner(listener, config, protocol, emqx, None)
-}
-
-fn serve_inner(
-    listener: TcpListener,
-    config: &AdapterConfig,
-    protocol: Arc<dyn Protocol>,
-    emqx: Arc<dyn ConnectionAdapter>,
-    store: Option<StoreReader>,
-) -> anyhow::Result<RunningAdapter> {
-    let addr = listener.local_addr()?;
-    // TLS first: a bad file must fail before any task is started.
-    let tls = config
-        .tls
-        .as_ref()
-        .map(crate::tls::server_config)
-        .transpose()?;
-    let driver_config = DriverConfig {
-        clientid_policy: config.protocol.clientid_policy,
-        ..config.driver.clone()
-    };
-    let driver = Driver::with_store(protocol, emqx, driver_config, store);
-    let (stop, stopped) = oneshot::channel::<()>();
-    // tonic does not apply its own tcp_nodelay to an incoming stream we
-    // hand it; Nagle would add tens of ms to every small reply.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).context("handler TLS settings")?;
-    }
-    // The standard health service (for orchestrators and grpc_health_probe)
-    // and reflection (for grpcurl) share the handler's port.
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::DESCRIPTORS)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("reflection service")?;
-    {
-        let health = health.clone();
-        tokio::spawn(async move {
-            health
-                .set_serving::<ConnectionUnaryHandlerServer<UnaryHandler>>()
-                .await;
-            health
-                .set_serving::<ConnectionHandlerServer<StreamHandler>>()
-                .await;
-        });
-    }
-    let router = builder
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(ConnectionUnaryHandlerServer::new(UnaryHandler::new(
-            driver.clone(),
-        )))
-        .add_service(ConnectionHandlerServer::new(StreamHandler::new(
-            driver.clone(),
-        )));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = stopped.await;
-    }));
-    tracing::info!(%addr, protocol = driver.protocol().name(), tls = config.tls.is_some(), "handler listening");
-    Ok(RunningAdapter {
-        addr,
-        driver,
-        stop: Some(stop),
-        task,
-        grace: config.shutdown_grace,
-        health,
-        presence: None,
-    })
+    Ok((
+        configure().build_v1().context("reflection service")?,
+        configure().build_v1alpha().context("reflection service")?,
+    ))
 }

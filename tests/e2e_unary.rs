@@ -391,10 +391,13 @@ async fn an_adapter_restart_tells_clients_their_session_is_lost() {
         emqx: format!("http://{gw_adapter}"),
         ..Default::default()
     };
-    let proto = exproto_adapter::protocol::by_name("chat", &cfg.protocol).unwrap();
     let emqx = exproto_adapter::emqx::GrpcAdapter::new(&cfg.emqx, Duration::from_secs(2)).unwrap();
-    let _adapter =
-        exproto_adapter::server::serve(listener, &cfg, proto, std::sync::Arc::new(emqx)).unwrap();
+    let _adapter = exproto_adapter::server::Server::builder(cfg)
+        .handler_listener(listener)
+        .emqx(std::sync::Arc::new(emqx))
+        .start()
+        .await
+        .unwrap();
     c.send("PING\n").await;
     assert_eq!(c.line().await, "ERR 500 :session lost, reconnect");
     assert_eq!(c.eof().await, "");

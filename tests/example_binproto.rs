@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig};
 use exproto_adapter::emqx::GrpcAdapter;
-use exproto_adapter::server::{self, AdapterConfig};
+use exproto_adapter::server::{AdapterConfig, Server};
 use protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,7 +40,13 @@ async fn binproto_clients_publish_to_each_other() {
         ..AdapterConfig::default()
     };
     let emqx = GrpcAdapter::new(&config.emqx, Duration::from_secs(2)).unwrap();
-    let _adapter = server::serve(listener, &config, Arc::new(BinProto), Arc::new(emqx)).unwrap();
+    let _adapter = Server::builder(config)
+        .protocol(Arc::new(BinProto))
+        .handler_listener(listener)
+        .emqx(Arc::new(emqx))
+        .start()
+        .await
+        .unwrap();
 
     let mut a = TcpStream::connect(gw.client_addr()).await.unwrap();
     let mut b = TcpStream::connect(gw.client_addr()).await.unwrap();

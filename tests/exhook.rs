@@ -2,6 +2,8 @@
 //! versions as EMQX calls it, over SQLite in memory (wrapped so that tests
 //! can take the database down or stall it).
 
+#[path = "support/reflection.rs"]
+mod reflection;
 #[path = "support/postgres.rs"]
 mod support;
 
@@ -468,5 +470,28 @@ async fn a_message_the_database_refuses_is_counted_and_the_rest_stored() {
         assert_eq!(f.history("chat/t").await, ["a", "c"]);
         f.db.close().await;
     })
+    .await;
+}
+
+/// Both reflection versions list what the hook port serves, and no more:
+/// the handler services live on the handler port.
+#[tokio::test]
+async fn reflection_lists_exactly_the_hook_providers() {
+    let f = Fixture::start(config()).await;
+    reflection::assert_reflects(
+        &f.channel,
+        &[
+            "emqx.exhook.v2.HookProvider",
+            "emqx.exhook.v3.HookProvider",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ],
+        &[
+            "emqx.exproto.v1.ConnectionHandler",
+            "emqx.exproto.v1.ConnectionUnaryHandler",
+            "emqx.exproto.v1.ConnectionAdapter",
+            "grpc.health.v1.Health",
+        ],
+    )
     .await;
 }

@@ -308,3 +308,40 @@ async fn many_connections_come_and_go_and_the_registry_empties() {
     }
     h.until_registry_empty().await;
 }
+
+/// What the builder cannot serve fails the start, with a reason.
+#[tokio::test]
+async fn the_builder_refuses_what_it_cannot_serve() {
+    use exproto_adapter::protocol;
+    use exproto_adapter::server::Server;
+
+    let chat = || protocol::by_name("chat", &protocol::ProtocolConfig::default()).unwrap();
+    let refusal = |r: anyhow::Result<exproto_adapter::server::RunningAdapter>| match r {
+        Ok(_) => panic!("the start was not refused"),
+        Err(e) => e.to_string(),
+    };
+
+    let two = Server::builder(quick_config())
+        .protocol(chat())
+        .protocol(chat())
+        .start()
+        .await;
+    let e = refusal(two);
+    assert!(e.contains("2 protocols registered"), "{e}");
+
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let no_presence = Server::builder(quick_config())
+        .hook_listener(hook)
+        .start()
+        .await;
+    let e = refusal(no_presence);
+    assert!(e.contains("presence settings"), "{e}");
+
+    let mut config = quick_config();
+    config.protocol_name = "morse".into();
+    let e = refusal(Server::builder(config).start().await);
+    assert!(
+        e.contains("unknown protocol \"morse\" (known: chat)"),
+        "{e}"
+    );
+}

@@ -10,7 +10,7 @@ use common::pki::Pki;
 use common::{quick_config, FakeEmqx, Harness};
 use exproto_adapter::pb::connection_unary_handler_client::ConnectionUnaryHandlerClient;
 use exproto_adapter::pb::SocketCreatedRequest;
-use exproto_adapter::server;
+use exproto_adapter::server::Server;
 use exproto_adapter::tls::{EmqxTlsFiles, ServerTlsFiles};
 use tonic::transport::{Channel, ClientTlsConfig, ServerTlsConfig};
 
@@ -44,7 +44,7 @@ async fn tls_harness(pki: &Pki) -> Harness {
         key: pki.server_key.clone(),
         client_ca: Some(pki.ca.clone()),
     });
-    let adapter = server::start(&config).await.unwrap();
+    let adapter = Server::builder(config).start().await.unwrap();
     let channel = Channel::from_shared(format!("https://127.0.0.1:{}", adapter.addr().port()))
         .unwrap()
         .tls_config(
@@ -149,7 +149,7 @@ async fn an_emqx_whose_certificate_is_not_trusted_is_never_called() {
         cert: Some(other.client_cert.clone()),
         key: Some(other.client_key.clone()),
     };
-    let adapter = server::start(&config).await.unwrap();
+    let adapter = Server::builder(config).start().await.unwrap();
     let channel = Channel::from_shared(format!("http://{}", adapter.addr()))
         .unwrap()
         .connect()
@@ -173,7 +173,11 @@ async fn tls_files_with_a_plain_emqx_url_fail_the_start() {
     let mut config = quick_config();
     config.emqx = "http://127.0.0.1:9100".into();
     config.emqx_tls.ca = Some(pki.ca.clone());
-    let e = server::start(&config).await.err().expect("start refused");
+    let e = Server::builder(config)
+        .start()
+        .await
+        .err()
+        .expect("start refused");
     assert!(e.to_string().contains("https"), "{e}");
 
     let mut config = quick_config();
@@ -182,6 +186,10 @@ async fn tls_files_with_a_plain_emqx_url_fail_the_start() {
         key: pki.server_key.clone(),
         client_ca: None,
     });
-    let e = server::start(&config).await.err().expect("start refused");
+    let e = Server::builder(config)
+        .start()
+        .await
+        .err()
+        .expect("start refused");
     assert!(e.to_string().contains("missing.pem"), "{e}");
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use exproto_adapter::config::ServeArgs;
-use exproto_adapter::server;
+use exproto_adapter::server::Server;
 
 /// An ExProto handler for a length-prefixed binary protocol.
 #[derive(Parser)]
@@ -39,7 +39,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let Command::Serve(args) = Cli::parse().command;
     // The one line that registers the protocol.
-    let mut adapter = server::start_with(&args.to_config(), Arc::new(protocol::BinProto)).await?;
+    let mut adapter = Server::builder(args.to_config())
+        .protocol(Arc::new(protocol::BinProto))
+        .start()
+        .await?;
     adapter
         .wait(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -119,17 +119,28 @@ impl Hooks {
     }
 
     /// Serves both `HookProvider` versions on `listener` until
-    /// [`Hooks::shutdown`].
+    /// [`Hooks::shutdown`], with gRPC reflection that lists just those.
     ///
     /// # Errors
-    /// When the listener's address cannot be read.
-    pub fn serve(&mut self, listener: TcpListener) -> std::io::Result<SocketAddr> {
+    /// When the listener's address cannot be read, or the crate's own
+    /// descriptors cannot be decoded for reflection.
+    pub fn serve(&mut self, listener: TcpListener) -> anyhow::Result<SocketAddr> {
         let addr = listener.local_addr()?;
+        let (reflection_v1, reflection_v1alpha) = crate::server::reflection(
+            &["emqx.exhook.v2", "emqx.exhook.v3"],
+            &[],
+            &[
+                pb::v2::hook_provider_server::SERVICE_NAME,
+                pb::v3::hook_provider_server::SERVICE_NAME,
+            ],
+        )?;
         let (stop, stopped) = oneshot::channel::<()>();
         // Hook answers are tiny; Nagle would hold each one back.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = tonic::transport::Server::builder()
             .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(service::v2::Service::server(self.core.clone()))
             .add_service(service::v3::Service::server(self.core.clone()));
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {

@@ -16,7 +16,7 @@ use exproto_adapter::pb::connection_adapter_server::{ConnectionAdapter, Connecti
 use exproto_adapter::pb::connection_handler_client::ConnectionHandlerClient;
 use exproto_adapter::pb::connection_unary_handler_client::ConnectionUnaryHandlerClient;
 use exproto_adapter::pb::{self, CodeResponse, ResultCode};
-use exproto_adapter::server::{self, AdapterConfig, RunningAdapter};
+use exproto_adapter::server::{AdapterConfig, RunningAdapter, Server};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -396,7 +396,7 @@ impl Harness {
         let emqx = FakeEmqx::default();
         let emqx_addr = emqx.start().await;
         config.emqx = format!("http://{emqx_addr}");
-        let adapter = server::start(&config).await.unwrap();
+        let adapter = Server::builder(config).start().await.unwrap();
         let channel = Channel::from_shared(format!("http://{}", adapter.addr()))
             .unwrap()
             .connect()

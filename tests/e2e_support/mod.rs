@@ -10,8 +10,7 @@ use std::time::Duration;
 use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig, HandlerMode};
 use exproto_adapter::emqx::GrpcAdapter;
 use exproto_adapter::exhook::HookConfig;
-use exproto_adapter::protocol;
-use exproto_adapter::server::{self, AdapterConfig, PresenceConfig, RunningAdapter};
+use exproto_adapter::server::{AdapterConfig, PresenceConfig, RunningAdapter, Server};
 use exproto_adapter::store::StoreUrl;
 use tokio::net::TcpListener;
 
@@ -59,9 +58,13 @@ impl Stack {
             ..AdapterConfig::default()
         };
         adapter(&mut acfg);
-        let proto = protocol::by_name(&acfg.protocol_name, &acfg.protocol).unwrap();
         let emqx = GrpcAdapter::new(&acfg.emqx, acfg.call_timeout).unwrap();
-        let running = server::serve(listener, &acfg, proto, Arc::new(emqx)).unwrap();
+        let running = Server::builder(acfg)
+            .handler_listener(listener)
+            .emqx(Arc::new(emqx))
+            .start()
+            .await
+            .unwrap();
         Stack {
             gateway: gw,
             adapter: running,
@@ -95,7 +98,10 @@ impl Stack {
             }),
             ..AdapterConfig::default()
         };
-        let running = server::start_on(&acfg, listener, Some(hook_listener))
+        let running = Server::builder(acfg)
+            .handler_listener(listener)
+            .hook_listener(hook_listener)
+            .start()
             .await
             .unwrap();
         let s = Stack {
