@@ -1,68 +1,23 @@
 //! Pub/sub: the in-memory router (the default) or a real MQTT broker (see
-//! `mqtt.rs`), and the `Message`s delivered to subscribers, filled as EMQX
-//! fills them.
+//! `mqtt.rs`).
 //!
 //! Delivery is into each subscriber's bounded delivery queue; a full queue
 //! drops the message with a warning, like EMQX's bounded message queue,
 //! rather than making the publisher wait on a slow subscriber.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{PoisonError, RwLock};
 
 use tokio::sync::mpsc;
 
+use super::message::DeliverTx;
 use super::mqtt::MqttRouter;
 use super::topic;
 use crate::pb;
 
-/// A connection's delivery queue.
-pub(crate) type DeliverTx = mpsc::Sender<pb::Message>;
-
 pub(crate) enum Router {
     Memory(MemoryRouter),
     Mqtt(MqttRouter),
-}
-
-/// A fresh message id: 128 bits in upper-case hex, like `emqx_guid`.
-/// Microseconds, a per-process salt and a counter keep it unique.
-pub(crate) fn new_message_id() -> String {
-    static SALT: OnceLock<u32> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let salt = *SALT.get_or_init(rand::random);
-    let seq = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF;
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or_default();
-    format!("{micros:016X}{salt:08X}{seq:08X}")
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-/// A message as EMQX's exproto channel hands it to `OnReceivedMessages`.
-pub(crate) fn make_message(
-    node: &str,
-    from: &str,
-    topic: &str,
-    qos: u32,
-    payload: bytes::Bytes,
-) -> pb::Message {
-    pb::Message {
-        node: node.to_owned(),
-        id: new_message_id(),
-        qos,
-        from: from.to_owned(),
-        topic: topic.to_owned(),
-        payload,
-        timestamp: now_ms(),
-    }
 }
 
 /// EMQX's exproto channel delivers with the publish qos, so only the
@@ -138,6 +93,7 @@ impl MemoryRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dev_gateway::message::make_message;
 
     #[tokio::test]
     async fn routes_by_filter_with_one_copy_per_subscription() {
@@ -171,16 +127,5 @@ mod tests {
         let m = make_message("n", "", "t", 0, bytes::Bytes::new());
         assert_eq!(r.publish(&m), 1);
         assert_eq!(r.publish(&m), 0);
-    }
-
-    #[test]
-    fn message_ids_are_unique_hex() {
-        let a = new_message_id();
-        let b = new_message_id();
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 32);
-        assert!(a
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
     }
 }
