@@ -22,10 +22,9 @@ use super::message::make_message;
 use super::registry::Lookup;
 use super::router::Router;
 use super::shared::Shared;
-use super::topic;
 use crate::pb;
 use crate::pb::connection_adapter_server::{ConnectionAdapter, ConnectionAdapterServer};
-use crate::protocol::Secret;
+use crate::protocol::{topic, Secret};
 
 /// How long stopping the server waits for calls in progress.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -206,7 +205,7 @@ impl ConnectionAdapter for AdapterService {
         if req.qos > 2 {
             return ok(codes::params_type_error());
         }
-        if !topic::valid_name(&req.topic) {
+        if topic::validate_name(&req.topic).is_err() {
             return ok(codes::invalid_topic());
         }
         // EMQX publishes it from `exproto`, through the message.publish

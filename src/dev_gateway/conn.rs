@@ -45,9 +45,9 @@ use super::mqtt::{MqttSession, SubscribeError};
 use super::registry::ConnHandle;
 use super::router::Router;
 use super::shared::Shared;
-use super::topic;
 use crate::exhook::pb::v3 as hpb;
 use crate::pb;
+use crate::protocol::topic;
 
 /// Bytes read from the socket at a time; each read is one OnReceivedBytes.
 const READ_CHUNK: usize = 16 * 1024;
@@ -689,7 +689,7 @@ impl Conn {
         if self.shared.access.publish_denied(topic_name) {
             return codes::authorization_deny();
         }
-        if !topic::valid_name(topic_name) {
+        if topic::validate_name(topic_name).is_err() {
             tracing::warn!(topic = topic_name, "Publish to an invalid topic");
             return codes::invalid_topic();
         }
@@ -732,7 +732,7 @@ impl Conn {
         if self.shared.access.subscribe_denied(&filter) {
             return codes::authorization_deny();
         }
-        if !topic::valid_filter(&filter) {
+        if topic::validate_filter(&filter).is_err() {
             tracing::warn!(filter, "Subscribe to an invalid filter");
             return codes::invalid_topic();
         }

@@ -47,9 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use super::faults::FaultState;
-use super::topic;
 use crate::exhook::pb::v3 as hpb;
 use crate::pb;
+use crate::protocol::topic;
 
 /// Bound on each hook call (EMQX's `request_timeout` default).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,7 +136,7 @@ impl Registered {
         match self.0.get("message.publish") {
             None => false,
             Some(filters) if filters.is_empty() => true,
-            Some(filters) => filters.iter().any(|f| topic::matches(topic_name, f)),
+            Some(filters) => filters.iter().any(|f| topic::matches(f, topic_name)),
         }
     }
 

@@ -25,8 +25,8 @@
 //! process is asked); `handler` (client of the adapter's handler service);
 //! `exhook` (the ExHook client); `router` and `mqtt` (pub/sub); `message`
 //! (the messages they carry); `faults` (the fault table); `config`
-//! (settings, CLI flags); `auth` (users file, deny rules); `topic` (MQTT
-//! topic rules); `codes` (EMQX's answers).
+//! (settings, CLI flags); `auth` (users file, deny rules); `codes` (EMQX's
+//! answers). MQTT topic rules are the protocol layer's, `protocol::topic`.
 
 mod adapter;
 mod auth;
@@ -43,7 +43,6 @@ mod mqtt;
 mod registry;
 mod router;
 mod shared;
-pub mod topic;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -275,5 +274,28 @@ mod tests {
         check::<DevGateway>();
         check::<Faults>();
         check::<GatewayConfig>();
+    }
+
+    /// Publish and RawPublish refuse what fails the name check, Subscribe
+    /// and deny rules what fails the filter check.
+    #[test]
+    fn topic_validity_as_the_gateway_checks_it() {
+        use crate::protocol::topic;
+        let name = |t: &str| topic::validate_name(t).is_ok();
+        let filter = |t: &str| topic::validate_filter(t).is_ok();
+        for ok in ["a", "a/b", "/", "a//b", "$SYS/x", "a b"] {
+            assert!(name(ok), "{ok}");
+            assert!(filter(ok), "{ok}");
+        }
+        for bad in ["", "a/+", "#", "a\0b", "a/b#"] {
+            assert!(!name(bad), "{bad:?}");
+        }
+        for ok in ["#", "+", "a/#", "+/+/#", "a/+/b"] {
+            assert!(filter(ok), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "+a", "a\0", "#/"] {
+            assert!(!filter(bad), "{bad:?}");
+        }
+        assert!(!name(&"x".repeat(topic::MAX_TOPIC_LEN + 1)));
     }
 }

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use super::message::DeliverTx;
 use super::mqtt::MqttRouter;
-use super::topic;
 use crate::pb;
+use crate::protocol::topic;
 
 pub(crate) enum Router {
     Memory(MemoryRouter),
@@ -65,7 +65,7 @@ impl MemoryRouter {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let mut queued = 0;
         for (filter, subs) in table.iter() {
-            if !topic::matches(&msg.topic, filter) {
+            if !topic::matches(filter, &msg.topic) {
                 continue;
             }
             for (conn, sub) in subs {
@@ -117,6 +117,40 @@ mod tests {
         r.unsubscribe_all(1, &["chat/#".to_owned(), "chat/+".to_owned()]);
         assert_eq!(r.publish(&m), 0);
         assert_eq!(r.filters(), 1);
+    }
+
+    #[test]
+    fn delivers_by_mqtt_matching_rules() {
+        let table = [
+            ("a/b/c", "a/b/c", true),
+            ("a/b/c", "a/+/c", true),
+            ("a/b/c", "a/#", true),
+            ("a", "a/#", true),
+            ("a/b/c", "#", true),
+            ("a/b/c", "+/+/+", true),
+            ("a/b/c", "+/+", false),
+            ("a/b", "a/b/c", false),
+            ("a/b/c", "a/b", false),
+            ("a/b/c", "a/+", false),
+            ("/finance", "+/+", true),
+            ("/finance", "/+", true),
+            ("/finance", "+", false),
+            ("a//c", "a/+/c", true),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "+/x", false),
+            ("$SYS/x", "$SYS/#", true),
+            ("$SYS/x", "$SYS/+", true),
+            ("a/$b", "a/+", true),
+            ("chat/lobby", "chat/lobby/", false),
+            ("Chat", "chat", false),
+        ];
+        for (name, filter, want) in table {
+            let r = MemoryRouter::default();
+            let (tx, _rx) = mpsc::channel(1);
+            r.subscribe(1, filter, tx);
+            let m = make_message("n", "", name, 0, bytes::Bytes::new());
+            assert_eq!(r.publish(&m), usize::from(want), "{name} vs {filter}");
+        }
     }
 
     #[test]
