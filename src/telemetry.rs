@@ -6,10 +6,12 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
 use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
 
 /// Sessions the adapter holds (gauge).
 pub const CONNECTIONS: &str = "exproto_connections";
@@ -31,17 +33,14 @@ pub const PARSE_ERRORS: &str = "exproto_parse_errors_total";
 pub const HOOK_RECORDS: &str = "exproto_hook_records_total";
 
 /// Makes a Prometheus recorder the process's metrics recorder and serves
-/// its text on `listener` (`GET /metrics`, or any path).
-///
-/// The endpoint is a few lines of HTTP/1.1 rather than a web framework: it
-/// answers one request per connection with the current snapshot.
+/// its text on `listener` at `GET /metrics`.
 ///
 /// # Errors
 /// When a recorder is already installed.
 pub fn install_prometheus(listener: TcpListener) -> anyhow::Result<()> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(EMQX_CALL_SECONDS.into()),
+            Matcher::Full(EMQX_CALL_SECONDS.into()),
             &[
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 2.5, 5.0,
@@ -54,45 +53,32 @@ pub fn install_prometheus(listener: TcpListener) -> anyhow::Result<()> {
     describe();
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    let app = endpoint(handle);
+    // axum's accept loop waits after an error such as EMFILE instead of
+    // retrying at once.
     tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                // Read the request head (bounded); its content does not matter.
-                let mut buf = [0u8; 4096];
-                let mut seen = 0;
-                while seen < buf.len() {
-                    match tokio::time::timeout(
-                        Duration::from_secs(5),
-                        socket.read(&mut buf[seen..]),
-                    )
-                    .await
-                    {
-                        Ok(Ok(n)) if n > 0 => {
-                            seen += n;
-                            if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                        _ => return,
-                    }
-                }
-                handle.run_upkeep();
-                let body = handle.render();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let _ = socket.write_all(body.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
         }
     });
     Ok(())
+}
+
+fn endpoint(handle: PrometheusHandle) -> axum::Router {
+    axum::Router::new().route("/metrics", get(move || scrape(handle.clone())))
+}
+
+async fn scrape(handle: PrometheusHandle) -> impl IntoResponse {
+    handle.run_upkeep();
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; version=0.0.4"),
+            // A scrape is one request; closing after it, as the endpoint
+            // always has, lets a client that reads to the end finish.
+            (header::CONNECTION, "close"),
+        ],
+        handle.render(),
+    )
 }
 
 fn describe() {
@@ -143,4 +129,49 @@ pub(crate) fn connections(delta: f64) {
 
 pub(crate) fn hook_records(outcome: &'static str, n: u64) {
     counter!(HOOK_RECORDS, "outcome" => outcome).increment(n);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn get(addr: std::net::SocketAddr, request: &str) -> String {
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the endpoint did not close the connection")
+    }
+
+    #[tokio::test]
+    async fn one_scrape_per_connection_at_metrics_only() {
+        // A recorder of this test's own: the global one is the process's.
+        let recorder = PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || counter!(PARSE_ERRORS).increment(3));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = endpoint(recorder.handle());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let text = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert!(
+            text.contains("content-type: text/plain; version=0.0.4"),
+            "{text}"
+        );
+        assert!(text.contains("exproto_parse_errors_total 3"), "{text}");
+
+        let other = get(
+            addr,
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    }
 }

@@ -13,12 +13,17 @@
 //!
 //! A status is one byte: 0 ok, 1 refused, 2 failed, 3 bad request, 4 not
 //! connected. A frame with an unknown type closes the connection: a binary
-//! protocol cannot resynchronise.
+//! protocol cannot resynchronise. Topics follow MQTT's rules; a PUB to an
+//! invalid topic name or a SUB to an invalid filter is a bad request.
+//!
+//! Frames are cut by tokio-util's `LengthDelimitedCodec`, whose `Decoder`
+//! works on the session's own buffer, so the session stays sans-IO.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use exproto_adapter::protocol::{
-    Action, Call, CallResult, Event, ProtoVer, Protocol, Secret, Session, SessionInit,
+    topic, Action, Call, CallResult, Event, ProtoVer, Protocol, Secret, Session, SessionInit,
 };
+use tokio_util::codec::{Decoder as _, LengthDelimitedCodec};
 
 /// EMQX's client list shows `binproto/1` as the protocol version; the
 /// protocol name EMQX sees is `exproto`, whatever the protocol.
@@ -40,7 +45,10 @@ pub const FAILED: u8 = 2;
 pub const BAD: u8 = 3;
 pub const NOT_CONNECTED: u8 = 4;
 
-/// Frames this large or larger are refused; the length field allows 64 KiB.
+/// Type and length.
+const HEAD: usize = 3;
+/// The largest body, all the length field can say; the decoder refuses a
+/// longer one, which closes the connection.
 const MAX_BODY: usize = u16::MAX as usize;
 
 /// The protocol's factory, registered with the adapter's server.
@@ -62,7 +70,7 @@ impl Protocol for BinProto {
 
 /// Encodes one frame.
 pub fn frame(kind: u8, body: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(3 + body.len());
+    let mut out = BytesMut::with_capacity(HEAD + body.len());
     out.put_u8(kind);
     out.put_u16(u16::try_from(body.len()).unwrap_or(u16::MAX));
     out.put_slice(&body[..body.len().min(MAX_BODY)]);
@@ -78,9 +86,21 @@ pub fn topic_payload(topic: &str, payload: &[u8]) -> Vec<u8> {
     b
 }
 
-#[derive(Default)]
+/// Cuts whole frames, head included so the type travels with the body.
+fn decoder() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_offset(1)
+        .length_field_type::<u16>()
+        // The length counts the body only; the frame is head and body.
+        .length_adjustment(HEAD as isize)
+        .num_skip(0)
+        .max_frame_length(MAX_BODY)
+        .new_codec()
+}
+
 pub struct BinSession {
     buf: BytesMut,
+    decoder: LengthDelimitedCodec,
     connected: bool,
     closing: bool,
     /// The frame type whose call is outstanding; its reply waits for it.
@@ -89,19 +109,35 @@ pub struct BinSession {
     connecting: bool,
 }
 
+impl Default for BinSession {
+    fn default() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            decoder: decoder(),
+            connected: false,
+            closing: false,
+            waiting: None,
+            connecting: false,
+        }
+    }
+}
+
 impl BinSession {
     /// Handles complete frames until one needs EMQX or the buffer runs dry.
     fn run(&mut self, out: &mut Vec<Action>) {
         let mut reply = BytesMut::new();
-        while self.waiting.is_none() && !self.closing && self.buf.len() >= 3 {
-            let kind = self.buf[0];
-            let len = usize::from(u16::from_be_bytes([self.buf[1], self.buf[2]]));
-            if self.buf.len() < 3 + len {
-                break;
-            }
-            self.buf.advance(3);
-            let body = self.buf.split_to(len).freeze();
-            match self.command(kind, body) {
+        while self.waiting.is_none() && !self.closing {
+            let (kind, step) = match self.decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) => {
+                    let frame = frame.freeze();
+                    (frame[0], self.command(frame[0], frame.slice(HEAD..)))
+                }
+                Ok(None) => break,
+                // An oversized frame: what follows it cannot be found. A
+                // close needs no frame type.
+                Err(_) => (0, Step::Close),
+            };
+            match step {
                 Step::Reply(status) => reply.extend_from_slice(&frame(REPLY | kind, status)),
                 Step::Call(call) => {
                     self.waiting = Some(kind);
@@ -145,7 +181,7 @@ impl BinSession {
                 _ => Step::Reply(&[BAD]),
             },
             SUB => match std::str::from_utf8(&body) {
-                Ok(f) if !f.is_empty() => Step::Call(Call::Subscribe {
+                Ok(f) if topic::validate_filter(f).is_ok() => Step::Call(Call::Subscribe {
                     filter: f.to_string(),
                     qos: 0,
                 }),
@@ -182,11 +218,9 @@ fn split_topic(body: &Bytes) -> Option<(String, Bytes)> {
         return None;
     }
     let n = usize::from(u16::from_be_bytes([body[0], body[1]]));
-    let topic = std::str::from_utf8(body.get(2..2 + n)?).ok()?;
-    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
-        return None;
-    }
-    Some((topic.to_string(), body.slice(2 + n..)))
+    let name = std::str::from_utf8(body.get(2..2 + n)?).ok()?;
+    topic::validate_name(name).ok()?;
+    Some((name.to_string(), body.slice(2 + n..)))
 }
 
 impl Session for BinSession {
@@ -195,7 +229,7 @@ impl Session for BinSession {
             Event::Bytes(b) if !self.closing => {
                 // A peer that announces a frame and never sends it is held
                 // to one frame's worth of memory.
-                if self.buf.len() + b.len() > 3 + MAX_BODY + 3 + MAX_BODY {
+                if self.buf.len() + b.len() > 2 * (HEAD + MAX_BODY) {
                     self.closing = true;
                     out.push(Action::Call(Call::Close));
                     return;
@@ -331,5 +365,49 @@ mod tests {
         assert_eq!(wire, frame(MSG, &topic_payload("t", b"p")).to_vec());
         let (_, calls) = run(&mut s, Event::Bytes(frame(0x7f, b"?")), &[]);
         assert_eq!(calls, vec![Call::Close]);
+    }
+
+    #[test]
+    fn topics_follow_mqtt_rules() {
+        let mut s = BinSession::default();
+        let input = [
+            frame(CONNECT, b"dev1"),
+            frame(PUB, &topic_payload("a/+", b"x")),
+            frame(PUB, &topic_payload("a\0b", b"x")),
+            frame(SUB, b"a/#/b"),
+            frame(SUB, b"a+"),
+            frame(SUB, b"a/+/#"),
+        ]
+        .concat();
+        let (wire, calls) = run(&mut s, Event::Bytes(input.into()), &[]);
+        assert_eq!(
+            wire,
+            [
+                frame(REPLY | CONNECT, &[OK]),
+                frame(REPLY | PUB, &[BAD]),
+                frame(REPLY | PUB, &[BAD]),
+                frame(REPLY | SUB, &[BAD]),
+                frame(REPLY | SUB, &[BAD]),
+                frame(REPLY | SUB, &[OK]),
+            ]
+            .concat()
+        );
+        assert_eq!(calls.len(), 2);
+    }
+
+    #[test]
+    fn a_peer_that_floods_a_waiting_session_is_closed() {
+        let mut s = BinSession::default();
+        let mut out = Vec::new();
+        // CONNECT's call stays unanswered, so nothing after it is read.
+        s.handle(Event::Bytes(frame(CONNECT, b"dev1")), &mut out);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        let big = frame(PUB, &topic_payload("t", &vec![0; MAX_BODY - 3]));
+        s.handle(Event::Bytes(big.clone()), &mut out);
+        s.handle(Event::Bytes(big.clone()), &mut out);
+        assert!(out.is_empty());
+        s.handle(Event::Bytes(big), &mut out);
+        assert!(matches!(out.as_slice(), [Action::Call(Call::Close)]));
     }
 }

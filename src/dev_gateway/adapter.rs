@@ -15,21 +15,20 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use super::auth::Secret;
 use super::codes;
-use super::conn::ConnCmd;
 use super::faults::{Fault, Method};
+use super::mailbox::{ConnCmd, Reply};
+use super::message::make_message;
 use super::registry::Lookup;
-use super::router::{make_message, Router};
-use super::topic;
-use super::Shared;
+use super::router::Router;
+use super::shared::Shared;
 use crate::pb;
 use crate::pb::connection_adapter_server::{ConnectionAdapter, ConnectionAdapterServer};
+use crate::protocol::{topic, Secret};
 
 /// How long stopping the server waits for calls in progress.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Reply = oneshot::Sender<pb::CodeResponse>;
 type CallResult = Result<Response<pb::CodeResponse>, Status>;
 
 pub(crate) struct AdapterService {
@@ -206,7 +205,7 @@ impl ConnectionAdapter for AdapterService {
         if req.qos > 2 {
             return ok(codes::params_type_error());
         }
-        if !topic::valid_name(&req.topic) {
+        if topic::validate_name(&req.topic).is_err() {
             return ok(codes::invalid_topic());
         }
         // EMQX publishes it from `exproto`, through the message.publish

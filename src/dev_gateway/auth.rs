@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use super::topic;
+use crate::protocol::topic;
 
 /// Errors in the users file or in a deny rule.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +129,7 @@ impl FromStr for DenyRule {
             "all" => DenyAction::All,
             _ => return Err(bad()),
         };
-        if !topic::valid_filter(filter) {
+        if topic::validate_filter(filter).is_err() {
             return Err(AuthConfigError::BadRuleFilter {
                 rule: rule.to_owned(),
                 filter: filter.to_owned(),
@@ -267,8 +267,12 @@ impl Access {
 
     fn denied(&self, action: DenyAction, topic_or_filter: &str) -> bool {
         self.deny.iter().any(|rule| {
+            // A subscription filter is checked as if it were a topic name:
+            // its wildcards are then plain words, as in EMQX's
+            // `emqx_topic:match/2`, so a rule for `admin/#` denies
+            // `admin/#` and `admin/+` but not `#`.
             (rule.action == action || rule.action == DenyAction::All)
-                && topic::matches(topic_or_filter, &rule.filter)
+                && topic::matches(&rule.filter, topic_or_filter)
         })
     }
 }
@@ -339,6 +343,21 @@ mod tests {
         assert!(access.publish_denied("private"));
         assert!(access.subscribe_denied("private"));
         assert!(Access::default().authenticate("exproto", "any", "").is_ok());
+    }
+
+    #[test]
+    fn deny_rules_take_wildcards_in_a_checked_filter_as_words() {
+        let access = Access {
+            deny: vec![
+                "all:admin/#".parse().unwrap(),
+                "all:admin/x".parse().unwrap(),
+            ],
+            ..Access::default()
+        };
+        assert!(access.subscribe_denied("admin/#"));
+        assert!(access.subscribe_denied("admin/+"));
+        assert!(!access.subscribe_denied("#"));
+        assert!(!access.subscribe_denied("+/x"));
     }
 
     #[test]

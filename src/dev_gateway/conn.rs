@@ -35,17 +35,19 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::auth::Secret;
 use super::codes;
+use super::config::HandlerMode;
 use super::exhook;
 use super::handler::{ConnStreams, HandlerError, HandlerEvent, StreamFailure};
+use super::mailbox::ConnCmd;
+use super::message::{make_message, DeliverTx};
 use super::mqtt::{MqttSession, SubscribeError};
 use super::registry::ConnHandle;
-use super::router::{make_message, DeliverTx, Router};
-use super::topic;
-use super::{HandlerMode, Shared};
+use super::router::Router;
+use super::shared::Shared;
 use crate::exhook::pb::v3 as hpb;
 use crate::pb;
+use crate::protocol::topic;
 
 /// Bytes read from the socket at a time; each read is one OnReceivedBytes.
 const READ_CHUNK: usize = 16 * 1024;
@@ -65,50 +67,6 @@ const CREATED_LATE_PAUSE: Duration = Duration::from_millis(50);
 /// A handler that ends its stream at once would otherwise be reopened
 /// forever.
 const MAX_STREAM_REOPEN: u32 = 3;
-
-type Reply = oneshot::Sender<pb::CodeResponse>;
-
-/// An adapter call or a control message for one connection process.
-#[derive(Debug)]
-pub(crate) enum ConnCmd {
-    Send {
-        bytes: bytes::Bytes,
-        reply: Reply,
-    },
-    Close {
-        reply: Reply,
-    },
-    Authenticate {
-        clientinfo: pb::ClientInfo,
-        password: Secret,
-        reply: Reply,
-    },
-    StartTimer {
-        interval: u32,
-        reply: Reply,
-    },
-    Publish {
-        topic: String,
-        qos: u32,
-        payload: bytes::Bytes,
-        reply: Reply,
-    },
-    Subscribe {
-        topic: String,
-        qos: u32,
-        reply: Reply,
-    },
-    Unsubscribe {
-        topic: String,
-        reply: Reply,
-    },
-    /// A newer connection authenticated with this one's clientid.
-    Discard {
-        done: oneshot::Sender<()>,
-    },
-    /// Closed from outside: management kick, or the MQTT session was lost.
-    Kick,
-}
 
 enum Phase {
     Connecting,
@@ -731,7 +689,7 @@ impl Conn {
         if self.shared.access.publish_denied(topic_name) {
             return codes::authorization_deny();
         }
-        if !topic::valid_name(topic_name) {
+        if topic::validate_name(topic_name).is_err() {
             tracing::warn!(topic = topic_name, "Publish to an invalid topic");
             return codes::invalid_topic();
         }
@@ -774,7 +732,7 @@ impl Conn {
         if self.shared.access.subscribe_denied(&filter) {
             return codes::authorization_deny();
         }
-        if !topic::valid_filter(&filter) {
+        if topic::validate_filter(&filter).is_err() {
             tracing::warn!(filter, "Subscribe to an invalid filter");
             return codes::invalid_topic();
         }

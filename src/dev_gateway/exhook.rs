@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
@@ -47,9 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use super::faults::FaultState;
-use super::topic;
 use crate::exhook::pb::v3 as hpb;
 use crate::pb;
+use crate::protocol::topic;
 
 /// Bound on each hook call (EMQX's `request_timeout` default).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,7 +136,7 @@ impl Registered {
         match self.0.get("message.publish") {
             None => false,
             Some(filters) if filters.is_empty() => true,
-            Some(filters) => filters.iter().any(|f| topic::matches(topic_name, f)),
+            Some(filters) => filters.iter().any(|f| topic::matches(f, topic_name)),
         }
     }
 
@@ -410,7 +410,7 @@ impl Caller {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 sysdescr: "exproto-adapter dev gateway (an EMQX stand-in)".to_owned(),
                 uptime: i64::try_from(self.state.started.elapsed().as_millis()).unwrap_or(i64::MAX),
-                datetime: rfc3339_now(),
+                datetime: rfc3339(SystemTime::now()),
             }),
             meta: Some(self.meta()),
         };
@@ -548,52 +548,16 @@ fn disconnect_reason(reason: &str) -> String {
         .to_owned()
 }
 
-/// Now in RFC 3339, UTC, with microseconds, as EMQX's
+/// `at` in RFC 3339, UTC, with microseconds, as EMQX's
 /// `emqx_sys:datetime()` prints it (there with the node's offset).
-fn rfc3339_now() -> String {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(since)
-}
-
-fn rfc3339(since_epoch: Duration) -> String {
-    let secs = since_epoch.as_secs();
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since_epoch.subsec_micros()
-    )
-}
-
-/// Year, month, day of a day count since 1970-01-01 (H. Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    // Both are in range by construction (1..=31, 1..=12).
-    (
-        y,
-        u32::try_from(m).unwrap_or(1),
-        u32::try_from(d).unwrap_or(1),
-    )
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_micros(at).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn spec(name: &str, topics: &[&str]) -> hpb::HookSpec {
         hpb::HookSpec {
@@ -657,13 +621,13 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
         assert_eq!(
-            rfc3339(Duration::from_micros(951_782_400_000_001)),
+            rfc3339(UNIX_EPOCH + Duration::from_micros(951_782_400_000_001)),
             "2000-02-29T00:00:00.000001Z"
         );
         assert_eq!(
-            rfc3339(Duration::from_secs(1_767_225_599)),
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_767_225_599)),
             "2025-12-31T23:59:59.000000Z"
         );
     }

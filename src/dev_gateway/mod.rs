@@ -17,28 +17,35 @@
 //!                         └──── ConnectionAdapter gRPC ◀───────────┘
 //! ```
 //!
-//! Modules: `config` (settings, CLI flags), `conn` (the per-connection
-//! process), `handler` (client of the adapter's handler service), `adapter`
-//! (the ConnectionAdapter service), `registry` (conn ids, live connections,
-//! clientids), `router` and `mqtt` (pub/sub), `auth` (users file, deny
-//! rules), `topic` (MQTT topic rules), `codes` (EMQX's answers), `exhook`
-//! (the ExHook client), `faults` (fault injection for tests).
+//! Modules from the top down; each imports only modules listed after it:
+//! `control` (the test handle, [`Faults`]); `conn` (the per-connection
+//! process) and `adapter` (the ConnectionAdapter service), which meet only
+//! through the modules below; `shared` (what they share); `registry`
+//! (conn ids, live connections, clientids); `mailbox` (what a connection
+//! process is asked); `handler` (client of the adapter's handler service);
+//! `exhook` (the ExHook client); `router` and `mqtt` (pub/sub); `message`
+//! (the messages they carry); `faults` (the fault table); `config`
+//! (settings, CLI flags); `auth` (users file, deny rules); `codes` (EMQX's
+//! answers). MQTT topic rules are the protocol layer's, `protocol::topic`.
 
 mod adapter;
 mod auth;
 mod codes;
 mod config;
 mod conn;
+mod control;
 mod exhook;
 mod faults;
 mod handler;
+mod mailbox;
+mod message;
 mod mqtt;
 mod registry;
 mod router;
-pub mod topic;
+mod shared;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,8 +57,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::auth::{AuthConfigError, DenyAction, DenyRule, EmqxCompat, Secret, Users};
 pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode};
+pub use self::control::Faults;
 pub use self::exhook::ExhookStats;
-pub use self::faults::{Fault, Faults, Method};
+pub use self::faults::{Fault, Method};
 pub use crate::pb::ResultCode;
 
 use self::adapter::AdapterServer;
@@ -62,35 +70,13 @@ use self::handler::HandlerClient;
 use self::mqtt::MqttRouter;
 use self::registry::Registry;
 use self::router::{MemoryRouter, Router};
+use self::shared::{Counters, Shared};
 
 /// How long `shutdown` waits for connection processes to end.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of file descriptors), so the loop
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// What every connection process and the adapter service share.
-pub(crate) struct Shared {
-    pub cfg: GatewayConfig,
-    pub access: Access,
-    pub registry: Registry,
-    pub router: Router,
-    pub handler: HandlerClient,
-    pub faults: Arc<FaultState>,
-    /// The ExHook client, when `cfg.exhook` names a hook server.
-    pub exhook: Option<HookClient>,
-    /// Cancelled when the gateway stops; everything watches it.
-    pub shutdown: CancellationToken,
-    /// Calls counted for load tests (`exproto-adapter bench`).
-    pub stats: Counters,
-}
-
-/// Running totals of the calls between the gateway and its handler.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub handler_events: AtomicU64,
-    pub adapter_calls: AtomicU64,
-}
 
 /// Calls since the gateway started, read with [`DevGateway::stats`]; a load
 /// test takes two and subtracts them.
@@ -204,10 +190,7 @@ impl DevGateway {
 
     /// The fault controls.
     pub fn faults(&self) -> Faults {
-        Faults {
-            shared: self.shared.clone(),
-            adapter: self.adapter.clone(),
-        }
+        Faults::new(self.shared.clone(), self.adapter.clone())
     }
 
     /// What the ExHook client has done; `None` without `exhook`.
@@ -291,5 +274,28 @@ mod tests {
         check::<DevGateway>();
         check::<Faults>();
         check::<GatewayConfig>();
+    }
+
+    /// Publish and RawPublish refuse what fails the name check, Subscribe
+    /// and deny rules what fails the filter check.
+    #[test]
+    fn topic_validity_as_the_gateway_checks_it() {
+        use crate::protocol::topic;
+        let name = |t: &str| topic::validate_name(t).is_ok();
+        let filter = |t: &str| topic::validate_filter(t).is_ok();
+        for ok in ["a", "a/b", "/", "a//b", "$SYS/x", "a b"] {
+            assert!(name(ok), "{ok}");
+            assert!(filter(ok), "{ok}");
+        }
+        for bad in ["", "a/+", "#", "a\0b", "a/b#"] {
+            assert!(!name(bad), "{bad:?}");
+        }
+        for ok in ["#", "+", "a/#", "+/+/#", "a/+/b"] {
+            assert!(filter(ok), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "+a", "a\0", "#/"] {
+            assert!(!filter(bad), "{bad:?}");
+        }
+        assert!(!name(&"x".repeat(topic::MAX_TOPIC_LEN + 1)));
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::config::MqttUrl;
-use super::router::{make_message, DeliverTx};
+use super::message::{make_message, DeliverTx};
 
 /// The user property that carries the publisher's clientid.
 const FROM_PROPERTY: &str = "exproto-from";

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use super::conn::ConnCmd;
+use super::mailbox::ConnCmd;
 
 const KEY_LEN: usize = 4;
 const ID_LEN: usize = KEY_LEN + 8 + 12;

@@ -1,68 +1,23 @@
 //! Pub/sub: the in-memory router (the default) or a real MQTT broker (see
-//! `mqtt.rs`), and the `Message`s delivered to subscribers, filled as EMQX
-//! fills them.
+//! `mqtt.rs`).
 //!
 //! Delivery is into each subscriber's bounded delivery queue; a full queue
 //! drops the message with a warning, like EMQX's bounded message queue,
 //! rather than making the publisher wait on a slow subscriber.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{PoisonError, RwLock};
 
 use tokio::sync::mpsc;
 
+use super::message::DeliverTx;
 use super::mqtt::MqttRouter;
-use super::topic;
 use crate::pb;
-
-/// A connection's delivery queue.
-pub(crate) type DeliverTx = mpsc::Sender<pb::Message>;
+use crate::protocol::topic;
 
 pub(crate) enum Router {
     Memory(MemoryRouter),
     Mqtt(MqttRouter),
-}
-
-/// A fresh message id: 128 bits in upper-case hex, like `emqx_guid`.
-/// Microseconds, a per-process salt and a counter keep it unique.
-pub(crate) fn new_message_id() -> String {
-    static SALT: OnceLock<u32> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let salt = *SALT.get_or_init(rand::random);
-    let seq = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF;
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or_default();
-    format!("{micros:016X}{salt:08X}{seq:08X}")
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-/// A message as EMQX's exproto channel hands it to `OnReceivedMessages`.
-pub(crate) fn make_message(
-    node: &str,
-    from: &str,
-    topic: &str,
-    qos: u32,
-    payload: bytes::Bytes,
-) -> pb::Message {
-    pb::Message {
-        node: node.to_owned(),
-        id: new_message_id(),
-        qos,
-        from: from.to_owned(),
-        topic: topic.to_owned(),
-        payload,
-        timestamp: now_ms(),
-    }
 }
 
 /// EMQX's exproto channel delivers with the publish qos, so only the
@@ -110,7 +65,7 @@ impl MemoryRouter {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let mut queued = 0;
         for (filter, subs) in table.iter() {
-            if !topic::matches(&msg.topic, filter) {
+            if !topic::matches(filter, &msg.topic) {
                 continue;
             }
             for (conn, sub) in subs {
@@ -138,6 +93,7 @@ impl MemoryRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dev_gateway::message::make_message;
 
     #[tokio::test]
     async fn routes_by_filter_with_one_copy_per_subscription() {
@@ -164,6 +120,40 @@ mod tests {
     }
 
     #[test]
+    fn delivers_by_mqtt_matching_rules() {
+        let table = [
+            ("a/b/c", "a/b/c", true),
+            ("a/b/c", "a/+/c", true),
+            ("a/b/c", "a/#", true),
+            ("a", "a/#", true),
+            ("a/b/c", "#", true),
+            ("a/b/c", "+/+/+", true),
+            ("a/b/c", "+/+", false),
+            ("a/b", "a/b/c", false),
+            ("a/b/c", "a/b", false),
+            ("a/b/c", "a/+", false),
+            ("/finance", "+/+", true),
+            ("/finance", "/+", true),
+            ("/finance", "+", false),
+            ("a//c", "a/+/c", true),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "+/x", false),
+            ("$SYS/x", "$SYS/#", true),
+            ("$SYS/x", "$SYS/+", true),
+            ("a/$b", "a/+", true),
+            ("chat/lobby", "chat/lobby/", false),
+            ("Chat", "chat", false),
+        ];
+        for (name, filter, want) in table {
+            let r = MemoryRouter::default();
+            let (tx, _rx) = mpsc::channel(1);
+            r.subscribe(1, filter, tx);
+            let m = make_message("n", "", name, 0, bytes::Bytes::new());
+            assert_eq!(r.publish(&m), usize::from(want), "{name} vs {filter}");
+        }
+    }
+
+    #[test]
     fn full_queues_drop_instead_of_blocking() {
         let r = MemoryRouter::default();
         let (tx, _rx) = mpsc::channel(1);
@@ -171,16 +161,5 @@ mod tests {
         let m = make_message("n", "", "t", 0, bytes::Bytes::new());
         assert_eq!(r.publish(&m), 1);
         assert_eq!(r.publish(&m), 0);
-    }
-
-    #[test]
-    fn message_ids_are_unique_hex() {
-        let a = new_message_id();
-        let b = new_message_id();
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 32);
-        assert!(a
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
     }
 }

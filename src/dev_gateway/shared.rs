@@ -1,0 +1,40 @@
+//! What every connection process, the adapter service and the fault
+//! controls share: the settings and the gateway-wide parts, built once at
+//! start. It sits below all of them so that none of them needs another to
+//! reach the registry, the router or the handler client.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::auth::Access;
+use super::config::GatewayConfig;
+use super::exhook::HookClient;
+use super::faults::FaultState;
+use super::handler::HandlerClient;
+use super::registry::Registry;
+use super::router::Router;
+
+/// What every connection process and the adapter service share.
+pub(crate) struct Shared {
+    pub cfg: GatewayConfig,
+    pub access: Access,
+    pub registry: Registry,
+    pub router: Router,
+    pub handler: HandlerClient,
+    pub faults: Arc<FaultState>,
+    /// The ExHook client, when `cfg.exhook` names a hook server.
+    pub exhook: Option<HookClient>,
+    /// Cancelled when the gateway stops; everything watches it.
+    pub shutdown: CancellationToken,
+    /// Calls counted for load tests (`exproto-adapter bench`).
+    pub stats: Counters,
+}
+
+/// Running totals of the calls between the gateway and its handler.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub handler_events: AtomicU64,
+    pub adapter_calls: AtomicU64,
+}
