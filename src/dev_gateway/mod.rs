@@ -275,27 +275,4 @@ mod tests {
         check::<Faults>();
         check::<GatewayConfig>();
     }
-
-    /// Publish and RawPublish refuse what fails the name check, Subscribe
-    /// and deny rules what fails the filter check.
-    #[test]
-    fn topic_validity_as_the_gateway_checks_it() {
-        use crate::protocol::topic;
-        let name = |t: &str| topic::validate_name(t).is_ok();
-        let filter = |t: &str| topic::validate_filter(t).is_ok();
-        for ok in ["a", "a/b", "/", "a//b", "$SYS/x", "a b"] {
-            assert!(name(ok), "{ok}");
-            assert!(filter(ok), "{ok}");
-        }
-        for bad in ["", "a/+", "#", "a\0b", "a/b#"] {
-            assert!(!name(bad), "{bad:?}");
-        }
-        for ok in ["#", "+", "a/#", "+/+/#", "a/+/b"] {
-            assert!(filter(ok), "{ok}");
-        }
-        for bad in ["", "a/#/b", "a#", "a/b+", "+a", "a\0", "#/"] {
-            assert!(!filter(bad), "{bad:?}");
-        }
-        assert!(!name(&"x".repeat(topic::MAX_TOPIC_LEN + 1)));
-    }
 }

@@ -141,6 +141,7 @@ mod tests {
             ("a/b/c", Ok(())),
             ("/", Ok(())),
             ("//", Ok(())),
+            ("a//b", Ok(())),
             ("$SYS/x", Ok(())),
             ("a b/ü", Ok(())),
             ("", Err(TopicError::Empty)),
@@ -148,6 +149,7 @@ mod tests {
             ("a/+", Err(TopicError::WildcardInName)),
             ("#", Err(TopicError::WildcardInName)),
             ("a#", Err(TopicError::WildcardInName)),
+            ("a/b#", Err(TopicError::WildcardInName)),
         ];
         for (topic, want) in cases {
             assert_eq!(validate_name(topic), *want, "{topic:?}");
@@ -178,6 +180,10 @@ mod tests {
             ("a#", Err(TopicError::BadWildcard)),
             ("a/b#", Err(TopicError::BadWildcard)),
             ("a+", Err(TopicError::BadWildcard)),
+            ("a/b+", Err(TopicError::BadWildcard)),
+            ("+a", Err(TopicError::BadWildcard)),
+            ("a//b", Ok(())),
+            ("a b", Ok(())),
             ("a/+b", Err(TopicError::BadWildcard)),
             ("++", Err(TopicError::BadWildcard)),
             ("##", Err(TopicError::BadWildcard)),
