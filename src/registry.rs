@@ -34,8 +34,8 @@ pub(crate) struct Entry {
     /// When the last event came, on the driver's clock; the sweeper probes
     /// sessions that have been silent too long.
     last_event_ms: AtomicU64,
-    /// The earliest wake-up asked for and not yet come (`u64::MAX`: none),
-    /// so a connection asks again only for an earlier deadline.
+    /// The wake-up asked for and not yet come (`u64::MAX`: none), so the
+    /// wake-up task is told only when a deadline changes.
     wake_ms: AtomicU64,
     /// Wakes handler calls waiting for room in a full mailbox.
     drained: Notify,
@@ -67,10 +67,11 @@ impl Entry {
         }
     }
 
-    /// Records a wake-up asked for at `at_ms`; `true` when it is earlier
-    /// than any still to come, i.e. worth asking for.
-    pub(crate) fn wake_earlier(&self, at_ms: u64) -> bool {
-        self.wake_ms.fetch_min(at_ms, Ordering::AcqRel) > at_ms
+    /// Records the wake-up the connection needs (`None`: none); `true`
+    /// when that differs from the one asked for, i.e. worth telling.
+    pub(crate) fn wake_at(&self, at_ms: Option<u64>) -> bool {
+        let at = at_ms.unwrap_or(u64::MAX);
+        self.wake_ms.swap(at, Ordering::AcqRel) != at
     }
 
     /// A wake-up came: the next deadline needs asking for again.

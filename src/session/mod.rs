@@ -348,7 +348,7 @@ impl Driver {
             self.registry.orphans.remove(&conn);
             self.lost(conn);
         } else if first {
-            self.wakeups.after(&conn, self.config.created_wait);
+            self.wakeups.set(&conn, Some(self.config.created_wait));
         }
         None
     }
@@ -455,14 +455,13 @@ impl Driver {
         self.budget.room().await;
     }
 
-    /// Asks for a wake-up at the connection's deadline, unless one at or
-    /// before it is already coming.
+    /// Asks for a wake-up at the connection's deadline, or cancels the one
+    /// asked for, when the deadline changed.
     fn arm(&self, entry: &Entry, connection: &Connection) {
-        if let Some(due) = connection.poll_timeout() {
-            if entry.wake_earlier(due) {
-                self.wakeups
-                    .after(&entry.conn, self.registry.clock().until(due));
-            }
+        let due = connection.poll_timeout();
+        if entry.wake_at(due) {
+            let after = due.map(|at| self.registry.clock().until(at));
+            self.wakeups.set(&entry.conn, after);
         }
     }
 }

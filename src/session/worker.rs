@@ -44,6 +44,7 @@ impl Driver {
                     Some(item) => Some(item),
                     None if connection.has_output() => None,
                     None => {
+                        connection.park();
                         inner.connection = Some(connection);
                         inner.running = false;
                         // An idle connection keeps no mailbox buffer: with

@@ -12,6 +12,8 @@
 //! so a timer left over from an earlier state can never fire into a later
 //! one.
 
+use std::net::{IpAddr, SocketAddr};
+
 use bytes::{Bytes, BytesMut};
 
 use crate::{Action, Call, ConnMeta, Event, Query, Session, SockType};
@@ -34,25 +36,40 @@ pub struct Listener {
 }
 
 /// One connection, driven by events and time that the caller supplies.
+///
+/// Small on purpose: a node may hold 100k idle connections, so what only
+/// a busy connection needs (output, a request) lives in a box that exists
+/// while it is busy ([`Connection::park`] frees it).
 pub struct Connection {
     session: Box<dyn Session>,
-    listener: Listener,
-    /// When the session's deadline falls due, on the driver's clock.
-    deadline_ms: Option<u64>,
+    /// When the session's deadline falls due, on the driver's clock;
+    /// `u64::MAX` for none.
+    deadline_ms: u64,
+    socktype: SockType,
+    /// The listener's address, without `SocketAddr`'s IPv6 flow and scope
+    /// fields, which EMQX never sends.
+    sockname: Option<(IpAddr, u16)>,
+    busy: Option<Box<Busy>>,
+}
+
+/// What a connection holds only while it is being worked on.
+#[derive(Default)]
+struct Busy {
     /// Bytes for the client, in order, not yet handed to the driver.
     out: BytesMut,
-    /// Boxed: present only while a call is being made, and an idle
-    /// connection should not pay for the largest request's size.
-    request: Option<Box<Request>>,
+    request: Option<Request>,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("listener", &self.listener)
-            .field("deadline_ms", &self.deadline_ms)
-            .field("out", &self.out.len())
-            .field("request", &self.request)
+            .field("listener", &self.listener())
+            .field("deadline_ms", &self.poll_timeout())
+            .field("out", &self.busy.as_ref().map_or(0, |b| b.out.len()))
+            .field(
+                "request",
+                &self.busy.as_ref().and_then(|b| b.request.as_ref()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -62,10 +79,10 @@ impl Connection {
     pub fn new(session: Box<dyn Session>) -> Self {
         Self {
             session,
-            listener: Listener::default(),
-            deadline_ms: None,
-            out: BytesMut::new(),
-            request: None,
+            deadline_ms: u64::MAX,
+            socktype: SockType::default(),
+            sockname: None,
+            busy: None,
         }
     }
 
@@ -77,21 +94,21 @@ impl Connection {
     /// event is its outcome.
     pub fn handle(&mut self, event: Event, now_ms: u64) {
         if let Event::Created(meta) = &event {
-            self.listener = listener_of(meta);
+            self.listen_at(meta);
         }
         let mut actions = Vec::new();
         self.session.set_time(now_ms);
         self.session.handle(event, &mut actions);
         for action in actions {
             match action {
-                Action::Send(bytes) => self.out.extend_from_slice(&bytes),
+                Action::Send(bytes) => self.busy().out.extend_from_slice(&bytes),
                 Action::SetDeadline(after) => {
-                    self.deadline_ms = after.map(|d| {
+                    self.deadline_ms = after.map_or(u64::MAX, |d| {
                         now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                     });
                 }
-                Action::Call(call) => self.request = Some(Box::new(Request::Call(call))),
-                Action::Query(query) => self.request = Some(Box::new(Request::Query(query))),
+                Action::Call(call) => self.busy().request = Some(Request::Call(call)),
+                Action::Query(query) => self.busy().request = Some(Request::Query(query)),
             }
         }
     }
@@ -99,60 +116,73 @@ impl Connection {
     /// When the connection next needs [`handle_timeout`](Self::handle_timeout),
     /// on the driver's clock; `None` when it has no deadline.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.deadline_ms
+        (self.deadline_ms != u64::MAX).then_some(self.deadline_ms)
     }
 
     /// Fires the deadline if it is due at `now_ms`; otherwise does nothing.
     /// Returns whether it fired.
     pub fn handle_timeout(&mut self, now_ms: u64) -> bool {
-        match self.deadline_ms {
-            Some(due) if due <= now_ms => {
-                self.deadline_ms = None;
-                self.handle(Event::Deadline, now_ms);
-                true
-            }
-            _ => false,
+        if self.deadline_ms > now_ms {
+            return false;
         }
+        self.deadline_ms = u64::MAX;
+        self.handle(Event::Deadline, now_ms);
+        true
     }
 
     /// The call or query the session waits on, taken: the caller carries it
     /// out and hands its outcome back to [`handle`](Self::handle).
     pub fn poll_request(&mut self) -> Option<Request> {
-        self.request.take().map(|r| *r)
+        self.busy.as_mut().and_then(|b| b.request.take())
     }
 
     /// Whether bytes wait to be sent.
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty()
+        self.busy.as_ref().is_some_and(|b| !b.out.is_empty())
     }
 
     /// The bytes waiting to be sent, taken in order.
     pub fn take_output(&mut self) -> Bytes {
-        let out = self.out.split().freeze();
-        // An idle connection keeps no output buffer: with 100k of them a
-        // few hundred bytes each add up.
-        if self.out.capacity() > 0 && self.request.is_none() {
-            self.out = BytesMut::new();
+        match &mut self.busy {
+            Some(b) => b.out.split().freeze(),
+            None => Bytes::new(),
         }
-        out
+    }
+
+    /// Frees what only a busy connection needs, if nothing waits in it: for
+    /// a connection about to sit idle. Its buffer is kept between events
+    /// while it is busy, so a burst reuses one allocation.
+    pub fn park(&mut self) {
+        if self
+            .busy
+            .as_ref()
+            .is_some_and(|b| b.out.is_empty() && b.request.is_none())
+        {
+            self.busy = None;
+        }
     }
 
     /// The listener the connection came through (known once `Created`
     /// was handled).
     pub fn listener(&self) -> Listener {
-        self.listener
+        Listener {
+            socktype: self.socktype,
+            sockname: self.sockname.map(|(ip, port)| SocketAddr::new(ip, port)),
+        }
+    }
+
+    fn listen_at(&mut self, meta: &ConnMeta) {
+        self.socktype = meta.socktype;
+        self.sockname = meta.sockname.map(|a| (a.ip(), a.port()));
+    }
+
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
     }
 
     /// Lines or frames the session could not parse so far (cumulative).
     pub fn parse_errors(&self) -> u64 {
         self.session.parse_errors()
-    }
-}
-
-fn listener_of(meta: &ConnMeta) -> Listener {
-    Listener {
-        socktype: meta.socktype,
-        sockname: meta.sockname,
     }
 }
 
@@ -220,6 +250,22 @@ mod tests {
         assert!(!c.handle_timeout(60_000));
         assert!(!c.has_output());
         assert_eq!(c.poll_request(), None);
+    }
+
+    #[test]
+    fn an_idle_connection_is_small_and_keeps_no_buffers() {
+        // The session box, the deadline, the listener and the busy box:
+        // what 100k idle connections pay for each, beside their session.
+        assert!(std::mem::size_of::<Connection>() <= 64);
+        let mut c = chat(ProtocolConfig::default());
+        c.handle(Event::Created(ConnMeta::default()), 0);
+        c.park();
+        assert!(c.busy.is_some(), "output waiting: kept");
+        c.take_output();
+        c.park();
+        assert!(c.busy.is_none());
+        assert!(!c.has_output());
+        assert_eq!(c.take_output(), Bytes::new());
     }
 
     #[test]
