@@ -6,6 +6,7 @@
 //! client -> EMQX.
 
 pub mod bench;
+mod clock;
 pub mod codec;
 pub mod config;
 pub mod config_file;
@@ -14,6 +15,7 @@ pub mod emqx;
 pub mod exhook;
 pub mod handler;
 pub mod redact;
+mod reflection;
 pub mod registry;
 pub mod server;
 pub mod session;

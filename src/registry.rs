@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
+use crate::clock::Clock;
 use crate::protocol::{Connection, Event};
-use crate::session::clock::Clock;
 
 /// Work for a connection's worker, in arrival order.
 #[derive(Debug)]

@@ -126,7 +126,7 @@ impl Hooks {
     /// descriptors cannot be decoded for reflection.
     pub fn serve(&mut self, listener: TcpListener) -> anyhow::Result<SocketAddr> {
         let addr = listener.local_addr()?;
-        let (reflection_v1, reflection_v1alpha) = crate::server::reflection(
+        let (reflection_v1, reflection_v1alpha) = crate::reflection::services(
             &["emqx.exhook.v2", "emqx.exhook.v3"],
             &[],
             &[

@@ -12,7 +12,7 @@
 //! Each concern is its own small part: how many sessions are admitted
 //! (`admission`), the bound on queued events (`budget`), EMQX calls in
 //! flight and retries (`calls`), store queries (`queries`), wake-ups
-//! (`wakeups`), the clock (`clock`). Work in progress is tracked with a
+//! (`wakeups`); the clock is the crate's `clock`. Work in progress is tracked with a
 //! `TaskTracker`, so a shutdown drains: [`Driver::begin_shutdown`] turns new
 //! sockets away and [`Driver::drain`] waits until no worker, handler call
 //! or notice task is left.
@@ -20,7 +20,6 @@
 mod admission;
 mod budget;
 mod calls;
-pub(crate) mod clock;
 mod queries;
 mod wakeups;
 mod worker;
