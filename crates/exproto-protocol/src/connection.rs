@@ -16,7 +16,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::{Action, Call, ConnMeta, Event, Query, Session, SockType};
+use crate::state::{Reader, StateError, Writer};
+use crate::{Action, Call, ConnMeta, Event, Protocol, Query, Session, SockType};
+
+/// The first bytes of a saved connection.
+const MAGIC: &[u8; 4] = b"EXPC";
+/// The format of a saved connection this build writes; it reads this one
+/// and every earlier one.
+pub const STATE_FORMAT: u16 = 1;
 
 /// What the session waits on; carried out by the driver, whose outcome
 /// goes back in with [`Connection::handle`] as [`Event::Reply`] or
@@ -180,6 +187,101 @@ impl Connection {
         self.busy.get_or_insert_with(Box::default)
     }
 
+    /// The connection's whole state as bytes, for [`Connection::restore`]
+    /// in this or another process. Only between events: output still to
+    /// send and a request under way cannot travel.
+    ///
+    /// # Errors
+    /// [`StateError::Busy`] when output or a request waits;
+    /// [`StateError::Unsupported`] when the protocol does not save.
+    pub fn save(&self, protocol: &str) -> Result<Vec<u8>, StateError> {
+        if self
+            .busy
+            .as_ref()
+            .is_some_and(|b| !b.out.is_empty() || b.request.is_some())
+        {
+            return Err(StateError::Busy);
+        }
+        let mut session = Writer::new();
+        self.session.save(&mut session)?;
+        let mut w = Writer::new();
+        w.u8(MAGIC[0]);
+        w.u8(MAGIC[1]);
+        w.u8(MAGIC[2]);
+        w.u8(MAGIC[3]);
+        w.u16(STATE_FORMAT);
+        w.str(protocol);
+        w.opt_u64(self.poll_timeout());
+        w.u8(match self.socktype {
+            SockType::Tcp => 0,
+            SockType::Ssl => 1,
+            SockType::Udp => 2,
+            SockType::Dtls => 3,
+        });
+        match self.sockname {
+            Some((ip, port)) => {
+                w.bool(true);
+                w.ip(ip);
+                w.u16(port);
+            }
+            None => w.bool(false),
+        }
+        // Length-prefixed, so a reader can tell where the protocol's own
+        // part ends whatever is in it.
+        w.bytes(&session.into_bytes());
+        Ok(w.into_bytes())
+    }
+
+    /// A connection from what [`Connection::save`] wrote, with its session
+    /// restored by `protocol`, which must be the protocol that saved it.
+    ///
+    /// # Errors
+    /// Bytes that are not a saved connection, of a newer format, of another
+    /// protocol, or that the protocol cannot read.
+    pub fn restore(protocol: &dyn Protocol, bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = Reader::new(bytes);
+        let magic = [r.u8()?, r.u8()?, r.u8()?, r.u8()?];
+        if &magic != MAGIC {
+            return Err(StateError::Invalid("not a saved connection"));
+        }
+        let format = r.u16()?;
+        if format == 0 || format > STATE_FORMAT {
+            return Err(StateError::Version {
+                found: format,
+                supported: STATE_FORMAT,
+            });
+        }
+        let name = r.str()?;
+        if name != protocol.name() {
+            return Err(StateError::OtherProtocol {
+                found: name.to_owned(),
+                expected: protocol.name().to_owned(),
+            });
+        }
+        let deadline_ms = r.opt_u64()?.unwrap_or(u64::MAX);
+        let socktype = match r.u8()? {
+            0 => SockType::Tcp,
+            1 => SockType::Ssl,
+            2 => SockType::Udp,
+            3 => SockType::Dtls,
+            _ => return Err(StateError::Invalid("unknown socket type")),
+        };
+        let sockname = if r.bool()? {
+            Some((r.ip()?, r.u16()?))
+        } else {
+            None
+        };
+        let mut session = Reader::new(r.bytes()?);
+        let session = protocol.restore(&mut session)?;
+        Ok(Self {
+            session,
+            deadline_ms,
+            socktype,
+            sockname,
+            busy: None,
+        })
+    }
+
     /// Lines or frames the session could not parse so far (cumulative).
     pub fn parse_errors(&self) -> u64 {
         self.session.parse_errors()
@@ -266,6 +368,159 @@ mod tests {
         assert!(c.busy.is_none());
         assert!(!c.has_output());
         assert_eq!(c.take_output(), Bytes::new());
+    }
+
+    fn say(c: &mut Connection, line: &'static str, now: u64) -> String {
+        c.handle(Event::Bytes(Bytes::from_static(line.as_bytes())), now);
+        while let Some(request) = c.poll_request() {
+            let outcome = match request {
+                Request::Call(_) => Event::Reply(CallResult::Ok),
+                Request::Query(_) => Event::Answer(Ok(crate::Answer::History(vec![]))),
+            };
+            c.handle(outcome, now);
+        }
+        text(c.take_output())
+    }
+
+    fn round_trip(c: &Connection, config: ProtocolConfig) -> Connection {
+        let saved = c.save("chat").expect("idle connections save");
+        Connection::restore(&crate::chat::Chat::new(config), &saved).expect("and restore")
+    }
+
+    #[test]
+    fn a_restored_connection_goes_on_where_the_saved_one_stopped() {
+        let config = ProtocolConfig {
+            keepalive: Duration::ZERO,
+            presence_history: true,
+            max_subscriptions: 2,
+            ..ProtocolConfig::default()
+        };
+        let mut c = chat(config.clone());
+        let meta = ConnMeta {
+            socktype: SockType::Ssl,
+            sockname: Some("[::1]:7993".parse().unwrap()),
+            ..ConnMeta::default()
+        };
+        c.handle(Event::Created(meta), 1_000);
+        c.take_output();
+        assert_eq!(
+            say(
+                &mut c,
+                "CONNECT alice\nSUB chat/+\nSUB x\nPUB chat/a :hal",
+                2_000
+            ),
+            "OK CONNECT alice\nOK SUB chat/+ 0\nOK SUB x 0\n"
+        );
+        let mut d = round_trip(&c, config.clone());
+        assert_eq!(d.listener(), c.listener());
+        assert_eq!(
+            d.poll_timeout(),
+            None,
+            "the login deadline went with the login"
+        );
+        // The half-received line, the login and the subscriptions (their
+        // limit too) all carried over.
+        assert_eq!(
+            say(&mut d, "f\nHISTORY chat/b\nSUB y\nPING\n", 3_000),
+            "OK PUB chat/a\nOK HISTORY chat/b 0\nERR 429 :too many subscriptions\nPONG\n"
+        );
+        assert_eq!(say(&mut d, "QUIT\n", 3_000), "BYE\n");
+    }
+
+    #[test]
+    fn a_login_deadline_survives_the_trip() {
+        let mut c = chat(ProtocolConfig::default());
+        c.handle(Event::Created(ConnMeta::default()), 1_000);
+        c.take_output();
+        let mut d = round_trip(&c, ProtocolConfig::default());
+        assert_eq!(d.poll_timeout(), Some(31_000));
+        assert!(d.handle_timeout(31_000));
+        assert_eq!(text(d.take_output()), "ERR 408 :login timeout\n");
+    }
+
+    #[test]
+    fn only_an_idle_connection_saves_and_bad_state_is_refused() {
+        let mut c = chat(ProtocolConfig::default());
+        c.handle(Event::Created(ConnMeta::default()), 0);
+        assert_eq!(c.save("chat"), Err(StateError::Busy), "HELLO not sent yet");
+        c.take_output();
+        c.handle(Event::Bytes(Bytes::from_static(b"CONNECT a\n")), 1);
+        assert_eq!(
+            c.save("chat"),
+            Err(StateError::Busy),
+            "Authenticate under way"
+        );
+        c.poll_request();
+        c.handle(Event::Reply(CallResult::Ok), 2);
+        let _ = c.poll_request(); // the keepalive
+        c.handle(Event::Reply(CallResult::Ok), 3);
+        c.take_output();
+        let saved = c.save("chat").unwrap();
+        let chat = crate::chat::Chat::new(ProtocolConfig::default());
+        for cut in 0..saved.len() {
+            assert!(
+                Connection::restore(&chat, &saved[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut newer = saved.clone();
+        newer[5] = 2;
+        assert_eq!(
+            Connection::restore(&chat, &newer).unwrap_err(),
+            StateError::Version {
+                found: 2,
+                supported: 1
+            }
+        );
+        let other = c.save("binproto").unwrap();
+        assert!(matches!(
+            Connection::restore(&chat, &other),
+            Err(StateError::OtherProtocol { .. })
+        ));
+    }
+
+    /// Saving and restoring between any two bytes of a session changes
+    /// nothing the client sees.
+    #[test]
+    fn a_round_trip_between_any_two_bytes_is_invisible() {
+        let config = ProtocolConfig {
+            keepalive: Duration::ZERO,
+            max_line: 24,
+            max_publish_rate: 3,
+            presence_history: true,
+            ..ProtocolConfig::default()
+        };
+        let script: &[u8] = b"PING\nCONNECT bob\nSUB a/#\nPUB a/b :x\nPUB a/b :y\n\
+            PUB a/b :z\nPUB a/b :over the rate\nHISTORY a/c\nthis line is far too long\n\
+            UNSUB a/#\nHISTORY a/c\nQUIT\nPING\n";
+        let run = |round_trips: bool| {
+            let mut c = chat(config.clone());
+            c.handle(Event::Created(ConnMeta::default()), 0);
+            let mut wire = text(c.take_output());
+            for (i, b) in script.iter().enumerate() {
+                let now = 10 + i as u64;
+                c.handle(Event::Bytes(Bytes::copy_from_slice(&[*b])), now);
+                while let Some(request) = c.poll_request() {
+                    let outcome = match request {
+                        Request::Call(_) => Event::Reply(CallResult::Ok),
+                        Request::Query(_) => Event::Answer(Ok(crate::Answer::History(vec![]))),
+                    };
+                    c.handle(outcome, now);
+                }
+                wire.push_str(&text(c.take_output()));
+                if round_trips {
+                    c = round_trip(&c, config.clone());
+                }
+            }
+            wire
+        };
+        let plain = run(false);
+        assert!(
+            plain.contains("ERR 429 :too many publishes per second"),
+            "{plain}"
+        );
+        assert!(plain.contains("ERR 413 :line too long"), "{plain}");
+        assert_eq!(run(true), plain);
     }
 
     #[test]

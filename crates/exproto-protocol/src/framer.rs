@@ -79,6 +79,40 @@ impl LineFramer {
         self.partial.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
     }
 
+    /// Writes what the framer holds, for [`LineFramer::restore`].
+    pub fn save(&self, w: &mut crate::state::Writer) {
+        w.bool(self.discarding);
+        w.bytes(&self.partial);
+        let mut unframed = Vec::with_capacity(self.buffered() - self.partial.len());
+        for c in &self.chunks {
+            unframed.extend_from_slice(c);
+        }
+        w.bytes(&unframed);
+    }
+
+    /// A framer for lines of at most `max` bytes holding what
+    /// [`LineFramer::save`] wrote: it goes on where that one stopped.
+    ///
+    /// # Errors
+    /// Saved state that does not read, or a partial line over `max`.
+    pub fn restore(
+        max: usize,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<Self, crate::state::StateError> {
+        let discarding = r.bool()?;
+        let partial = r.bytes()?;
+        if partial.len() > max {
+            return Err(crate::state::StateError::Invalid(
+                "a partial line longer than the line limit",
+            ));
+        }
+        let mut framer = Self::new(max);
+        framer.discarding = discarding;
+        framer.partial.extend_from_slice(partial);
+        framer.push(Bytes::copy_from_slice(r.bytes()?));
+        Ok(framer)
+    }
+
     /// Drops everything buffered, e.g. once the connection is closing.
     pub fn clear(&mut self) {
         self.chunks.clear();
@@ -199,6 +233,36 @@ mod tests {
             assert!(f.partial.len() <= max, "partial line over the maximum");
         }
         out
+    }
+
+    #[test]
+    fn a_restored_framer_goes_on_where_the_saved_one_stopped() {
+        let input: &[u8] = b"one\ntw";
+        let mut a = LineFramer::new(8);
+        a.push(Bytes::from_static(input));
+        assert_eq!(a.next_frame(), Some(line("one")));
+        assert_eq!(a.next_frame(), None);
+        a.push(Bytes::from_static(b"o\nthr"));
+        let mut w = crate::state::Writer::new();
+        a.save(&mut w);
+        let bytes = w.into_bytes();
+        let mut b = LineFramer::restore(8, &mut crate::state::Reader::new(&bytes)).unwrap();
+        b.push(Bytes::from_static(b"ee\nfourfourfour\nfive\n"));
+        let got: Vec<Frame> = std::iter::from_fn(|| b.next_frame()).collect();
+        assert_eq!(
+            got,
+            vec![line("two"), line("three"), Frame::TooLong, line("five")]
+        );
+        // Mid-discard: the rest of the long line is still skipped.
+        let mut c = LineFramer::new(4);
+        c.push(Bytes::from_static(b"toolong"));
+        assert_eq!(c.next_frame(), Some(Frame::TooLong));
+        let mut w = crate::state::Writer::new();
+        c.save(&mut w);
+        let bytes = w.into_bytes();
+        let mut d = LineFramer::restore(4, &mut crate::state::Reader::new(&bytes)).unwrap();
+        d.push(Bytes::from_static(b"er\nok\n"));
+        assert_eq!(d.next_frame(), Some(line("ok")));
     }
 
     #[test]

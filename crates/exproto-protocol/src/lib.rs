@@ -19,6 +19,7 @@ pub mod chat;
 pub mod connection;
 pub mod framer;
 pub mod rate;
+pub mod state;
 pub mod topic;
 
 use std::net::SocketAddr;
@@ -277,6 +278,20 @@ pub trait Session: Send {
     fn parse_errors(&self) -> u64 {
         0
     }
+
+    /// Writes the session's state, so that [`Protocol::restore`] in this
+    /// or another process (a newer build, too) makes a session that goes
+    /// on where this one stopped: for handing sessions to a successor, or
+    /// a journal to restore them after a crash. Called between events,
+    /// never while a call's outcome is due. The default: this protocol's
+    /// sessions cannot be saved (they are lost with their process).
+    ///
+    /// # Errors
+    /// [`state::StateError::Unsupported`] for a protocol that does not save.
+    fn save(&self, w: &mut state::Writer) -> Result<(), state::StateError> {
+        let _ = w;
+        Err(state::StateError::Unsupported)
+    }
 }
 
 /// Seed data the driver gives a new session, so the session itself needs no
@@ -377,6 +392,16 @@ pub trait Protocol: Send + Sync + 'static {
     /// Bytes sent to a connection the adapter has no session for, right
     /// before the driver closes it.
     fn lost_session_bytes(&self) -> Bytes;
+    /// A session from what [`Session::save`] wrote, by this build or an
+    /// older one.
+    ///
+    /// # Errors
+    /// State this build cannot read, or a protocol that does not save.
+    fn restore(&self, r: &mut state::Reader<'_>) -> Result<Box<dyn Session>, state::StateError> {
+        let _ = r;
+        Err(state::StateError::Unsupported)
+    }
+
     /// Bytes sent to a new socket the driver will not serve, right before it
     /// closes it; no session is made for it. The default says nothing.
     fn refusal_bytes(&self, refusal: Refusal) -> Bytes {

@@ -29,6 +29,27 @@ impl TokenBucket {
         }
     }
 
+    /// Writes the bucket's level, for [`TokenBucket::restore`].
+    pub fn save(&self, w: &mut crate::state::Writer) {
+        w.u64(self.milli);
+        w.opt_u64(self.last_ms);
+    }
+
+    /// A bucket for `rate` events per second at the level that
+    /// [`TokenBucket::save`] wrote (capped, if the rate is now lower).
+    ///
+    /// # Errors
+    /// Saved state that does not read.
+    pub fn restore(
+        rate: u32,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<Self, crate::state::StateError> {
+        let mut bucket = Self::new(rate);
+        bucket.milli = r.u64()?.min(bucket.rate * 1000);
+        bucket.last_ms = r.opt_u64()?;
+        Ok(bucket)
+    }
+
     /// Takes one token at `now_ms`; `false` when the rate is exceeded.
     /// A time earlier than one already seen counts as no time passed.
     pub fn try_take(&mut self, now_ms: u64) -> bool {

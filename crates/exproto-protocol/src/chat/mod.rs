@@ -30,6 +30,7 @@ mod session;
 
 use bytes::Bytes;
 
+use super::state::{Reader, StateError};
 use super::{ProtoVer, Protocol, ProtocolConfig, Refusal, Session, SessionInit};
 
 /// What EMQX is told in `proto_ver`, and what HELLO names.
@@ -56,6 +57,12 @@ impl Protocol for Chat {
     }
     fn new_session(&self, init: SessionInit) -> Box<dyn Session> {
         Box::new(session::ChatSession::new(self.config.clone(), init))
+    }
+    fn restore(&self, r: &mut Reader<'_>) -> Result<Box<dyn Session>, StateError> {
+        Ok(Box::new(session::ChatSession::restore(
+            self.config.clone(),
+            r,
+        )?))
     }
     fn lost_session_bytes(&self) -> Bytes {
         Bytes::from_static(b"ERR 500 :session lost, reconnect\n")

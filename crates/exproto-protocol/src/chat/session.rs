@@ -19,6 +19,7 @@ use super::escape::unescape;
 use super::parser::{parse_line, ParseError};
 use crate::framer::{Frame, LineFramer};
 use crate::rate::TokenBucket;
+use crate::state::{Reader, StateError, Writer};
 use crate::topic;
 use crate::{
     Action, Answer, Call, CallResult, Event, ProtocolConfig, Query, QueryError, Secret, Session,
@@ -475,9 +476,103 @@ fn keepalive_secs(keepalive: Duration) -> Option<u32> {
     Some(u32::try_from(secs).unwrap_or(u32::MAX))
 }
 
+/// The version of the chat session's saved state; a new build reads every
+/// earlier one.
+const STATE_VERSION: u8 = 1;
+
+impl ChatSession {
+    /// A session from what [`Session::save`] wrote; `config` is this
+    /// process's (a takeover may come with new limits).
+    pub(crate) fn restore(config: ProtocolConfig, r: &mut Reader<'_>) -> Result<Self, StateError> {
+        let version = r.u8()?;
+        if version != STATE_VERSION {
+            return Err(StateError::Version {
+                found: u16::from(version),
+                supported: u16::from(STATE_VERSION),
+            });
+        }
+        let random = r.u64()?;
+        let phase = match r.u8()? {
+            0 => Phase::LoggingIn,
+            1 => Phase::Connected,
+            2 => Phase::Closing,
+            3 => Phase::Closed,
+            _ => return Err(StateError::Invalid("unknown chat phase")),
+        };
+        let greeted = r.bool()?;
+        let deadline_due = r.bool()?;
+        let parse_errors = r.u64()?;
+        let now_ms = r.u64()?;
+        let count = r.u32()?;
+        let mut subscriptions = HashSet::new();
+        for _ in 0..count {
+            subscriptions.insert(r.str()?.to_owned());
+        }
+        let saved_bucket = r.bool()?;
+        let publish_bucket = match (saved_bucket, config.max_publish_rate) {
+            (true, rate) if rate > 0 => Some(TokenBucket::restore(rate, r)?),
+            (true, _) => {
+                // Rate limits are off now: read past the saved level.
+                TokenBucket::restore(1, r)?;
+                None
+            }
+            (false, rate) => (rate > 0).then(|| TokenBucket::new(rate)),
+        };
+        let framer = LineFramer::restore(config.max_line, r)?;
+        Ok(Self {
+            config,
+            random,
+            framer,
+            out: BytesMut::new(),
+            phase,
+            pending: None,
+            deadline_due,
+            parse_errors,
+            greeted,
+            subscriptions,
+            publish_bucket,
+            now_ms,
+        })
+    }
+}
+
 impl Session for ChatSession {
     fn set_time(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+    }
+
+    fn save(&self, w: &mut Writer) -> Result<(), StateError> {
+        // A reply owed to EMQX's answer cannot travel: save between calls.
+        if self.pending.is_some() || !self.out.is_empty() {
+            return Err(StateError::Busy);
+        }
+        w.u8(STATE_VERSION);
+        w.u64(self.random);
+        w.u8(match self.phase {
+            Phase::LoggingIn => 0,
+            Phase::Connected => 1,
+            Phase::Closing => 2,
+            Phase::Closed => 3,
+        });
+        w.bool(self.greeted);
+        w.bool(self.deadline_due);
+        w.u64(self.parse_errors);
+        w.u64(self.now_ms);
+        let mut subscriptions: Vec<&String> = self.subscriptions.iter().collect();
+        subscriptions.sort();
+        w.u32(u32::try_from(subscriptions.len()).unwrap_or(u32::MAX));
+        for f in subscriptions {
+            w.str(f);
+        }
+        match &self.publish_bucket {
+            Some(bucket) => {
+                w.bool(true);
+                bucket.save(w);
+            }
+            None => w.bool(false),
+        }
+        self.framer.save(w);
+        Ok(())
     }
 
     fn parse_errors(&self) -> u64 {
