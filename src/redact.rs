@@ -42,7 +42,7 @@ fn mask_params(url: &str) -> String {
     let params: Vec<String> = query
         .split('&')
         .map(|param| match param.split_once('=') {
-            Some((name, _)) if SECRET_PARAMS.contains(&name.to_ascii_lowercase().as_str()) => {
+            Some((name, _)) if SECRET_PARAMS.contains(&decoded_lowercase(name).as_str()) => {
                 format!("{name}=***")
             }
             _ => param.to_string(),
@@ -54,6 +54,33 @@ fn mask_params(url: &str) -> String {
         out.push_str(f);
     }
     out
+}
+
+/// A query parameter's name as a URL parser reads it (`pass%77ord` is
+/// `password`), in lower case. Invalid escapes stay as written.
+fn decoded_lowercase(name: &str) -> String {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let v = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -118,6 +145,11 @@ mod tests {
         assert_eq!(
             redact_url("postgres://db/x?sslmode=verify-full&SSLPassword=k#frag"),
             "postgres://db/x?sslmode=verify-full&SSLPassword=***#frag"
+        );
+        // Names are read as a URL parser reads them.
+        assert_eq!(
+            redact_url("postgres://db/x?pass%77ord=secret&p%61ssword=s2"),
+            "postgres://db/x?pass%77ord=***&p%61ssword=***"
         );
     }
 

@@ -21,6 +21,9 @@ use crate::protocol::{Connection, Event};
 #[derive(Debug)]
 pub(crate) enum Item {
     Event(Event),
+    /// The `Created` event, with when the adapter first heard of the conn
+    /// (earlier than now when events were held for it).
+    Created(Event, u64),
     /// Ask EMQX whether the connection process still lives (empty `Send`).
     Probe,
     /// A wake-up: the connection's deadline may be due.

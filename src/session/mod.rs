@@ -259,41 +259,59 @@ impl Driver {
     /// Registers a session for a new socket, or says why it is refused.
     fn create(self: &Arc<Self>, conn: &str, created: Event) -> Result<Option<Arc<Entry>>, Refusal> {
         let conn: Arc<str> = conn.into();
-        // Holding the orphan slot while registering the session makes
-        // "held events move to the session" atomic against `hold`.
-        let slot = self.registry.orphans.entry(conn.clone());
+        // The orphan slot stays locked until the session is registered, so
+        // an event that `hold` takes meanwhile (streaming mode delivers
+        // them concurrently) waits and then finds the session: moving the
+        // held events is atomic against `hold`. Lock order as in `hold`:
+        // orphans, then sessions.
+        let mut slot = self.registry.orphans.entry(conn.clone());
         if self.registry.sessions.contains_key(&conn) {
             warn!(%conn, "duplicate OnSocketCreated ignored");
             return Ok(None);
         }
-        // The wait's deadline went with the orphan: the session's own
-        // deadlines start with its `Created`.
-        let held = match slot {
-            dashmap::Entry::Occupied(o) => o.remove().events,
-            dashmap::Entry::Vacant(_) => Vec::new(),
+        let now = self.registry.now_ms();
+        // The login deadline runs from the moment the adapter first heard
+        // of the conn (PROTOCOL.md), which for held events is the first of
+        // them. The wait's own deadline goes with the orphan.
+        let (held, heard_ms) = match &mut slot {
+            dashmap::Entry::Occupied(o) => {
+                let orphan = o.get_mut();
+                let heard = orphan
+                    .expires_ms
+                    .saturating_sub(millis(self.config.created_wait))
+                    .min(now);
+                (std::mem::take(&mut orphan.events), heard)
+            }
+            dashmap::Entry::Vacant(_) => (Vec::new(), now),
         };
-        if self.is_shutting_down() {
-            return Err(Refusal::ShuttingDown);
-        }
-        if !self.admission.admit() {
-            // Held events go with the refused socket.
-            return Err(Refusal::TooManyConnections);
+        // Held events go with a refused socket.
+        let refusal = if self.is_shutting_down() {
+            Some(Refusal::ShuttingDown)
+        } else if !self.admission.admit() {
+            Some(Refusal::TooManyConnections)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            if let dashmap::Entry::Occupied(o) = slot {
+                o.remove();
+            }
+            return Err(refusal);
         }
         let session = self.protocol.new_session(SessionInit {
             random: rand::random(),
         });
-        let entry = Arc::new(Entry::new(
-            conn.clone(),
-            Connection::new(session),
-            self.registry.now_ms(),
-        ));
+        let entry = Arc::new(Entry::new(conn.clone(), Connection::new(session), now));
         {
             let mut inner = entry.lock();
-            inner.queue.push_back(Item::Event(created));
+            inner.queue.push_back(Item::Created(created, heard_ms));
             inner.queue.extend(held.into_iter().map(Item::Event));
             self.budget.take(inner.queue.len());
         }
         self.registry.sessions.insert(conn, entry.clone());
+        if let dashmap::Entry::Occupied(o) = slot {
+            o.remove();
+        }
         telemetry::connections(1.0);
         self.start_worker(&entry);
         Ok(Some(entry))

@@ -250,6 +250,33 @@ async fn a_created_wait_deadline_never_reaches_the_session_created_meanwhile() {
     assert_eq!(f.next_call().await.1, send("OK CONNECT a\n"));
 }
 
+/// PROTOCOL.md: the login deadline runs from the moment the adapter first
+/// hears of the conn, which for bytes that overtook `OnSocketCreated` is
+/// when they came, not when the socket's creation did.
+#[tokio::test(start_paused = true)]
+async fn the_login_deadline_runs_from_the_first_event_heard() {
+    let chat = crate::protocol::chat::Chat::new(crate::protocol::ProtocolConfig {
+        login_timeout: Duration::from_secs(2),
+        ..crate::protocol::ProtocolConfig::default()
+    });
+    let mut f = fixture_of(Arc::new(chat), DriverConfig::default(), None);
+    let start = tokio::time::Instant::now();
+    f.bytes("c", "PING\n", true).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    f.create("c").await;
+    let mut seen = String::new();
+    while !seen.contains("ERR 408") {
+        if let (_, Op::Send(b)) = f.next_call().await {
+            seen.push_str(std::str::from_utf8(&b).unwrap());
+        }
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_millis(2500),
+        "ERR 408 after {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn replies_around_a_call_coalesce_into_one_send() {
     let mut f = fixture(DriverConfig::default());

@@ -18,6 +18,9 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::time::{delay_queue, DelayQueue};
 
+/// The longest single wait; a later deadline takes several.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// Handle to the wake-up task. Dropping every handle stops the task.
 #[derive(Clone)]
 pub(crate) struct Wakeups {
@@ -60,6 +63,9 @@ impl Wakeups {
     /// Wakes `conn` `after` from now, instead of any earlier request;
     /// `None` cancels.
     pub(crate) fn set(&self, conn: &Arc<str>, after: Option<Duration>) {
+        // The queue cannot hold a deadline two years out and would panic;
+        // a wake-up that comes before a far deadline is due only asks again.
+        let after = after.map(|a| a.min(MAX_WAIT));
         // A closed channel means the runtime is shutting down.
         let _ = self.tx.send((conn.clone(), after));
     }
@@ -87,5 +93,20 @@ mod tests {
         assert_eq!(&*rx.recv().await.unwrap(), "a");
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(rx.try_recv().is_err(), "a replaced or cancelled one came");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_years_away_neither_panics_nor_stops_the_others() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = Wakeups::start(move |c| {
+            let _ = tx.send(c);
+        });
+        let far: Arc<str> = "far".into();
+        let near: Arc<str> = "near".into();
+        w.set(&far, Some(Duration::from_secs(10_000 * 24 * 3600)));
+        w.set(&near, Some(Duration::from_secs(1)));
+        assert_eq!(&*rx.recv().await.unwrap(), "near");
+        // The far one comes early, once a day, to be asked again.
+        assert_eq!(&*rx.recv().await.unwrap(), "far");
     }
 }

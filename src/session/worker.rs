@@ -85,6 +85,11 @@ impl Driver {
 
     fn end(&self, entry: &Arc<Entry>, why: &'static str) {
         debug!(conn = %entry.conn, why, "session ended");
+        // Before the entry leaves the map: a cancel sent after it could
+        // cancel the wake-up of a new session of the same conn.
+        if entry.wake_at(None) {
+            self.wakeups.set(&entry.conn, None);
+        }
         if self.registry.remove(entry) {
             self.admission.leave();
             telemetry::connections(-1.0);
@@ -127,6 +132,7 @@ impl Driver {
                 closed = matches!(event, Event::Closed(_));
                 connection.handle(event, self.registry.now_ms());
             }
+            Item::Created(event, heard_ms) => connection.handle(event, heard_ms),
         }
         while let Some(request) = connection.poll_request() {
             // What was said before closing must reach the client first.

@@ -335,7 +335,9 @@ pub struct ProtocolConfig {
 pub enum ClientidPolicy {
     /// With a username, the clientid is the username, or the username, `/`
     /// and a suffix (`alice`, `alice/phone`), so one user may hold several
-    /// sessions. Without a username any clientid goes.
+    /// sessions. Without a username any clientid goes. A username holding
+    /// `/` is refused: `alice` could otherwise take `alice/bob`, the own
+    /// clientid of a user called `alice/bob`.
     #[default]
     Username,
     /// Any clientid: for anonymous listeners, or when EMQX binds the
@@ -353,6 +355,7 @@ impl ClientidPolicy {
         match self {
             ClientidPolicy::Any => true,
             ClientidPolicy::Username if username.is_empty() => true,
+            ClientidPolicy::Username if username.contains('/') => false,
             ClientidPolicy::Username => match clientid.strip_prefix(username) {
                 Some("") => true,
                 Some(rest) => rest.len() > 1 && rest.starts_with('/'),
@@ -488,6 +491,9 @@ mod tests {
         assert!(!p.allows("bob", "alice"));
         assert!(!p.allows("x/alice", "alice"));
         assert!(!p.allows("", "alice"));
+        // Names with `/` would overlap another user's suffixes.
+        assert!(!p.allows("alice/bob", "alice/bob"));
+        assert!(ClientidPolicy::Any.allows("alice/bob", "alice/bob"));
         // Anonymous: nothing to bind the clientid to.
         assert!(p.allows("alice", ""));
         assert!(ClientidPolicy::Any.allows("alice", "bob"));
