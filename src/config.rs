@@ -286,6 +286,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EXPROTO_HISTORY_MAX", default_value = "100", value_parser = parse_list_max)]
     pub history_max: usize,
 
+    /// Keep every session's state in this directory (a journal), so that
+    /// an adapter started again after a crash or a stop restores its
+    /// sessions instead of answering `ERR 500 :session lost`. Off if unset.
+    #[arg(long, env = "EXPROTO_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// Hook records (presence changes, messages) waiting for the database
     /// at most; more are dropped and counted so EMQX is never held up.
     #[arg(long, env = "EXPROTO_EXHOOK_QUEUE", default_value_t = 10_000)]
@@ -370,6 +376,7 @@ impl ServeArgs {
                 key: self.emqx_key.clone(),
             },
             presence,
+            state_dir: self.state_dir.clone(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod dev_gateway;
 pub mod emqx;
 pub mod exhook;
 pub mod handler;
+pub mod journal;
 pub mod redact;
 mod reflection;
 pub mod registry;

@@ -17,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::emqx::{ConnectionAdapter, GrpcAdapter};
 use crate::exhook::{HookConfig, Hooks};
 use crate::handler::{StreamHandler, UnaryHandler};
+use crate::journal::Journal;
 use crate::pb::connection_handler_server::ConnectionHandlerServer;
 use crate::pb::connection_unary_handler_server::ConnectionUnaryHandlerServer;
 use crate::protocol::{self, Protocol, ProtocolConfig};
@@ -54,6 +55,10 @@ pub struct AdapterConfig {
     /// The presence and history service; `None` leaves `WHO` and
     /// `HISTORY` answering `ERR 501`.
     pub presence: Option<PresenceConfig>,
+    /// Where sessions are journaled, so an adapter started again after a
+    /// crash (or a stop) restores them (`--state-dir`); `None`: they live
+    /// in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// The presence and history service: EMQX's ExHook calls in, a store.
@@ -86,6 +91,7 @@ impl Default for AdapterConfig {
             tls: None,
             emqx_tls: EmqxTlsFiles::default(),
             presence: None,
+            state_dir: None,
         }
     }
 }
@@ -208,6 +214,11 @@ impl RunningAdapter {
             .await;
         if !self.driver.drain(self.grace).await {
             tracing::warn!(grace = ?self.grace, "work still in flight after the grace period; stopping anyway");
+        }
+        if let Some(journal) = self.driver.journal() {
+            // What the last events changed reaches the disk before exit, so
+            // the next start restores it.
+            journal.flush().await;
         }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -372,7 +383,30 @@ impl ServerBuilder {
             clientid_policy: config.protocol.clientid_policy,
             ..config.driver.clone()
         };
-        let driver = Driver::with_store(protocol, emqx, driver_config, reader);
+        let (journal, saved) = match &config.state_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                let opened =
+                    tokio::task::spawn_blocking(move || Journal::open(&dir).map_err(|e| (dir, e)))
+                        .await
+                        .context("journal task")?;
+                let (journal, saved) = opened.map_err(|(dir, e)| {
+                    anyhow::anyhow!("cannot use the state directory {}: {e}", dir.display())
+                })?;
+                (Some(journal), saved)
+            }
+            None => (None, Default::default()),
+        };
+        let driver = Driver::start(protocol, emqx, driver_config, reader, journal);
+        if driver.journal().is_some() {
+            let held = saved.len();
+            let restored = driver.restore(saved);
+            tracing::info!(
+                restored,
+                unreadable = held - restored,
+                "sessions restored from the state directory"
+            );
+        }
         {
             let health = health.clone();
             tokio::spawn(async move {

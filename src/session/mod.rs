@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::emqx::{ConnectionAdapter, EmqxError, Op};
+use crate::journal::Journal;
 use crate::protocol::{Call, ClientidPolicy, Connection, Event, Protocol, Refusal, SessionInit};
 use crate::registry::{Entry, Item, Orphan, Registry};
 use crate::telemetry;
@@ -107,6 +108,8 @@ pub struct Driver {
     config: DriverConfig,
     /// `None` when presence and history are not enabled.
     store: Option<StoreReader>,
+    /// Where sessions are kept across a crash (`--state-dir`); `None`: not.
+    journal: Option<Journal>,
     admission: Admission,
     budget: EventBudget,
     /// Set once shutdown begins: new sockets are refused from then on.
@@ -133,6 +136,19 @@ impl Driver {
         config: DriverConfig,
         store: Option<StoreReader>,
     ) -> Arc<Self> {
+        Self::start(protocol, emqx, config, store, None)
+    }
+
+    /// [`Driver::with_store`] with a journal that keeps every session's
+    /// state across a crash; restore what it held with
+    /// [`Driver::restore`] before serving.
+    pub fn start(
+        protocol: Arc<dyn Protocol>,
+        emqx: Arc<dyn ConnectionAdapter>,
+        config: DriverConfig,
+        store: Option<StoreReader>,
+        journal: Option<Journal>,
+    ) -> Arc<Self> {
         let driver = Arc::new_cyclic(|weak: &Weak<Driver>| {
             let weak = weak.clone();
             let wakeups = Wakeups::start(move |conn| {
@@ -156,6 +172,7 @@ impl Driver {
                 tasks: TaskTracker::new(),
                 config,
                 store,
+                journal,
             }
         });
         let weak = Arc::downgrade(&driver);
@@ -187,6 +204,49 @@ impl Driver {
     /// exist are served as before.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Serves again the sessions a journal kept: each goes on where it
+    /// stopped when its conn's next event comes. A saved state this build
+    /// cannot read is logged and dropped (its client then gets the
+    /// protocol's lost-session answer). Sessions whose connections EMQX
+    /// closed meanwhile are reclaimed by the idle probe. Returns how many
+    /// were restored.
+    pub fn restore(self: &Arc<Self>, saved: crate::journal::Saved) -> usize {
+        let mut restored = 0;
+        for (conn, state) in saved {
+            let connection = match Connection::restore(self.protocol.as_ref(), &state) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%conn, error = %e, "cannot restore a saved session");
+                    if let Some(j) = &self.journal {
+                        j.remove(conn.as_str().into());
+                    }
+                    continue;
+                }
+            };
+            if !self.admission.admit() {
+                warn!(%conn, "session limit reached while restoring");
+                continue;
+            }
+            let conn: Arc<str> = conn.into();
+            let entry = Arc::new(Entry::new(conn.clone(), connection, self.registry.now_ms()));
+            {
+                let inner = entry.lock();
+                if let Some(c) = &inner.connection {
+                    self.arm(&entry, c);
+                }
+            }
+            self.registry.sessions.insert(conn, entry);
+            telemetry::connections(1.0);
+            restored += 1;
+        }
+        restored
+    }
+
+    /// The journal, when sessions are kept across a crash.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
     }
 
     /// Whether [`begin_shutdown`](Self::begin_shutdown) was called.

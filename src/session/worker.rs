@@ -31,6 +31,8 @@ impl Driver {
         };
         // The session's count is cumulative; each run reports what it added.
         let mut parse_errors = connection.parse_errors();
+        // What the journal last got of this session is at least this old.
+        let mut kept = connection.generation();
         // Events handled whose output still waits in the connection: they
         // count as pending work until it is sent. An event's output waits
         // while the next event is already queued, so that both go in one
@@ -66,6 +68,17 @@ impl Driver {
             };
             entry.drained().notify_waiters();
             let flow = self.process(&entry, &mut connection, item).await;
+            if let (Some(journal), Flow::Continue) = (&self.journal, &flow) {
+                // On disk before the reply that tells the client leaves.
+                let now = connection.generation();
+                if now != kept {
+                    kept = now;
+                    match connection.save(self.protocol.name()) {
+                        Ok(state) => journal.put(entry.conn.clone(), state).await,
+                        Err(e) => debug!(conn = %entry.conn, error = %e, "session not journaled"),
+                    }
+                }
+            }
             unsent += 1;
             if !connection.has_output() || matches!(flow, Flow::End(_)) {
                 self.budget.release(std::mem::take(&mut unsent));
@@ -91,6 +104,9 @@ impl Driver {
             self.wakeups.set(&entry.conn, None);
         }
         if self.registry.remove(entry) {
+            if let Some(journal) = &self.journal {
+                journal.remove(entry.conn.clone());
+            }
             self.admission.leave();
             telemetry::connections(-1.0);
         }

@@ -279,6 +279,15 @@ pub trait Session: Send {
         0
     }
 
+    /// A number that changes whenever the part of the session's state worth
+    /// keeping across a crash changes (for chat: the login, the
+    /// subscriptions, the end), so the driver saves the session then and
+    /// not after every message. The default never changes: such a
+    /// protocol's sessions are saved only when handed to a successor.
+    fn generation(&self) -> u64 {
+        0
+    }
+
     /// Writes the session's state, so that [`Protocol::restore`] in this
     /// or another process (a newer build, too) makes a session that goes
     /// on where this one stopped: for handing sessions to a successor, or

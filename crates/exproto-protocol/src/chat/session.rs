@@ -98,6 +98,9 @@ pub(crate) struct ChatSession {
     publish_bucket: Option<TokenBucket>,
     /// The driver's clock as last told ([`Session::set_time`]).
     now_ms: u64,
+    /// Counts changes of what a journal keeps (login, subscriptions, the
+    /// end): see [`Session::generation`].
+    generation: u64,
 }
 
 impl ChatSession {
@@ -115,7 +118,15 @@ impl ChatSession {
             publish_bucket: (config.max_publish_rate > 0)
                 .then(|| TokenBucket::new(config.max_publish_rate)),
             now_ms: 0,
+            generation: 0,
             config,
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if self.phase != phase {
+            self.phase = phase;
+            self.generation += 1;
         }
     }
 
@@ -152,7 +163,7 @@ impl ChatSession {
 
     /// Ends the connection from our side: a last line, then Close.
     fn close_with(&mut self, out: &mut Vec<Action>) {
-        self.phase = Phase::Closing;
+        self.set_phase(Phase::Closing);
         self.pending = None;
         self.framer.clear();
         self.call(Call::Close, out);
@@ -270,7 +281,7 @@ impl ChatSession {
             }
             Command::Quit => {
                 encode::bye(&mut self.out);
-                self.phase = Phase::Closing;
+                self.set_phase(Phase::Closing);
                 self.framer.clear();
                 Ok(Some(Action::Call(Call::Close)))
             }
@@ -368,7 +379,7 @@ impl ChatSession {
                     self.call_failed(result, 401);
                     return false;
                 }
-                self.phase = Phase::Connected;
+                self.set_phase(Phase::Connected);
                 self.deadline_due = false;
                 self.flush(out);
                 out.push(Action::SetDeadline(None));
@@ -387,14 +398,18 @@ impl ChatSession {
             Pending::Subscribe { filter, qos } => match result {
                 CallResult::Ok => {
                     encode::ok_sub(&mut self.out, &filter, qos);
-                    self.subscriptions.insert(filter);
+                    if self.subscriptions.insert(filter) {
+                        self.generation += 1;
+                    }
                 }
                 other => self.call_failed(other, 403),
             },
             Pending::Unsubscribe { filter } => match result {
                 CallResult::Ok => {
                     encode::ok_unsub(&mut self.out, &filter);
-                    self.subscriptions.remove(&filter);
+                    if self.subscriptions.remove(&filter) {
+                        self.generation += 1;
+                    }
                 }
                 other => self.call_failed(other, 403),
             },
@@ -532,6 +547,7 @@ impl ChatSession {
             subscriptions,
             publish_bucket,
             now_ms,
+            generation: 0,
         })
     }
 }
@@ -541,9 +557,14 @@ impl Session for ChatSession {
         self.now_ms = now_ms;
     }
 
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
     fn save(&self, w: &mut Writer) -> Result<(), StateError> {
         // A reply owed to EMQX's answer cannot travel: save between calls.
-        if self.pending.is_some() || !self.out.is_empty() {
+        // Lines written but not yet handed out are the driver's to send.
+        if self.pending.is_some() {
             return Err(StateError::Busy);
         }
         w.u8(STATE_VERSION);
@@ -611,7 +632,7 @@ impl ChatSession {
     fn handle_event(&mut self, event: Event, out: &mut Vec<Action>) {
         if self.is_over() {
             if let Event::Closed(_) = event {
-                self.phase = Phase::Closed;
+                self.set_phase(Phase::Closed);
             }
             return;
         }
@@ -619,6 +640,9 @@ impl ChatSession {
             Event::Created(_) => {
                 if !self.greeted {
                     self.greeted = true;
+                    // A session that exists is worth keeping, logged in or
+                    // not: its client has not lost it.
+                    self.generation += 1;
                     encode::hello(&mut self.out);
                     self.flush(out);
                     out.push(Action::SetDeadline(Some(self.config.login_timeout)));
@@ -644,7 +668,7 @@ impl ChatSession {
             Event::TimerFired(TimerKind::Keepalive) => {
                 // EMQX closes the socket in the same step: nothing we send
                 // would arrive.
-                self.phase = Phase::Closing;
+                self.set_phase(Phase::Closing);
                 self.pending = None;
                 self.framer.clear();
             }
@@ -660,7 +684,7 @@ impl ChatSession {
             Event::Reply(result) => self.resume(Outcome::Call(result), out),
             Event::Answer(answer) => self.resume(Outcome::Query(answer), out),
             Event::Closed(_) => {
-                self.phase = Phase::Closed;
+                self.set_phase(Phase::Closed);
                 self.pending = None;
                 self.framer.clear();
             }

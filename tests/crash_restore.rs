@@ -1,0 +1,154 @@
+//! An adapter killed with SIGKILL and started again restores its sessions
+//! from `--state-dir`: the real binary, real sockets, the dev gateway
+//! standing in for EMQX (which keeps the clients' sockets meanwhile).
+
+#[path = "support/line_client.rs"]
+mod line_client;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig};
+use line_client::{Client, WAIT};
+use tokio::process::{Child, Command};
+
+const HELLO: &str = "HELLO chat/1 :welcome; CONNECT <clientid> [username] [password]";
+
+/// A port for the adapter's handler: the dev gateway must be told it before
+/// the adapter exists, and every adapter started after a kill binds it
+/// again. Bound on 0 and read back, then given up for the adapter.
+fn handler_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn state_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "exproto-crash-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// `serve` on `port`, calling the gateway, with or without a state dir;
+/// returns once the handler port takes connections.
+async fn adapter(port: u16, gw: &DevGateway, state: Option<&Path>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exproto-adapter"));
+    cmd.arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--emqx", &format!("http://{}", gw.adapter_addr())])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    // The test's own environment must not configure the adapter.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EXPROTO_") {
+            cmd.env_remove(k);
+        }
+    }
+    if let Some(dir) = state {
+        cmd.arg("--state-dir").arg(dir);
+    }
+    let child = cmd.spawn().expect("the adapter binary starts");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the adapter did not listen on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
+async fn sigkill(mut child: Child) {
+    child.kill().await.expect("SIGKILL");
+}
+
+#[tokio::test]
+async fn sessions_survive_a_sigkill_and_a_restart() {
+    let dir = state_dir();
+    let port = handler_port();
+    let gw = DevGateway::start(GatewayConfig::for_tests(format!("http://127.0.0.1:{port}")))
+        .await
+        .unwrap();
+    let first = adapter(port, &gw, Some(&dir)).await;
+
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = Client::connect(gw.client_addr()).await;
+        assert_eq!(c.line().await, HELLO);
+        assert_eq!(
+            c.ask(&format!("CONNECT c{i}")).await,
+            format!("OK CONNECT c{i}")
+        );
+        assert_eq!(c.ask("SUB chat/x").await, "OK SUB chat/x 0");
+        clients.push(c);
+    }
+    // One client has not logged in yet, and one is half-way through a line.
+    // Its bytes ride with a command whose answer is awaited: a call still
+    // under way when the adapter dies fails, and EMQX closes that client.
+    let mut newcomer = Client::connect(gw.client_addr()).await;
+    assert_eq!(newcomer.line().await, HELLO);
+    clients[3].send("SUB chat/y\nPI").await;
+    assert_eq!(clients[3].line().await, "OK SUB chat/y 0");
+
+    // What a client was told is on disk: nothing to wait for.
+    sigkill(first).await;
+    let second = adapter(port, &gw, Some(&dir)).await;
+
+    for (i, c) in clients.iter_mut().enumerate() {
+        if i != 3 {
+            assert_eq!(c.ask("PING").await, "PONG", "client {i}");
+        }
+    }
+    // The half-received line may be lost (PROTOCOL.md): what follows works.
+    clients[3].send("NG\n").await;
+    let reply = clients[3].line().await;
+    assert!(
+        reply == "PONG" || reply.starts_with("ERR 400"),
+        "client 3: {reply:?}"
+    );
+    assert_eq!(clients[3].ask("PING").await, "PONG");
+    // Logins and subscriptions carried over: a message reaches everyone.
+    assert_eq!(
+        clients[0].ask("PUB chat/x :after the crash").await,
+        "OK PUB chat/x"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.line().await,
+            "MSG chat/x c0 :after the crash",
+            "client {i}"
+        );
+    }
+    assert_eq!(clients[1].ask("SUB chat/x").await, "OK SUB chat/x 0");
+    assert_eq!(
+        newcomer.ask("CONNECT late").await,
+        "OK CONNECT late",
+        "a session not logged in yet goes on too"
+    );
+    assert_eq!(clients[2].ask("QUIT").await, "BYE");
+    assert_eq!(clients[2].eof().await, "");
+
+    // The same crash without a state directory: the sessions are lost, so
+    // what is above is the journal's doing.
+    sigkill(second).await;
+    let third = adapter(port, &gw, None).await;
+    assert_eq!(
+        clients[4].ask("PING").await,
+        "ERR 500 :session lost, reconnect"
+    );
+    sigkill(third).await;
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
