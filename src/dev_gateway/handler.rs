@@ -6,6 +6,14 @@
 //! `JoinHandle`, so a connection process keeps answering adapter calls while
 //! its handler call is in flight: the adapter calls Send, Authenticate...
 //! from inside that very handler call.
+//!
+//! A call that cannot reach the handler (no connection, connection refused
+//! or cut) fails with [`HandlerError::Unreachable`], told apart from an
+//! error status the handler answered, so that its connection process can
+//! wait for the handler as EMQX 5.1 does; the error then carries the event
+//! back. A call cut off after its request went out counts as unreachable
+//! too: the gateway cannot tell whether the handler saw it, and neither
+//! can EMQX.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -61,10 +69,56 @@ pub(crate) enum HandlerError {
     /// again on a new stream (EMQX reopens a stream it cannot find).
     #[error("stream_closed")]
     StreamGone(Box<HandlerEvent>),
+    /// The handler could not be reached, so it answered nothing. `ev` is
+    /// the event, when the caller may try it again.
+    #[error("{{connection_down,{reason}}}")]
+    Unreachable {
+        reason: &'static str,
+        ev: Option<Box<HandlerEvent>>,
+    },
+}
+
+impl HandlerError {
+    /// `Unreachable` for a status that the transport made, keeping `ev`;
+    /// `Status` for one the handler answered.
+    fn from_status(status: tonic::Status, ev: Option<HandlerEvent>) -> Self {
+        match unreachable_reason(&status) {
+            Some(reason) => Self::Unreachable {
+                reason,
+                ev: ev.map(Box::new),
+            },
+            None => Self::Status(status),
+        }
+    }
 }
 
 fn grpc_error(code: i32, message: &str) -> String {
     format!("{{grpc_error,{{{code},{}}}}}", erl_binary(message))
+}
+
+/// Why the handler could not be reached, in EMQX's words, or `None` for a
+/// status the handler answered. tonic gives a status that its transport
+/// made the transport's error as its source; a status read from the
+/// handler's answer has none.
+fn unreachable_reason(status: &tonic::Status) -> Option<&'static str> {
+    let mut cause = std::error::Error::source(status)?;
+    loop {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return Some(match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "econnrefused",
+                std::io::ErrorKind::ConnectionReset => "econnreset",
+                std::io::ErrorKind::ConnectionAborted => "econnaborted",
+                std::io::ErrorKind::BrokenPipe => "epipe",
+                std::io::ErrorKind::TimedOut => "etimedout",
+                _ => "closed",
+            });
+        }
+        match cause.source() {
+            Some(next) => cause = next,
+            // An HTTP/2 connection that ended, with no socket error under it.
+            None => return Some("closed"),
+        }
+    }
 }
 
 /// A stream RPC that failed, reported to its connection process.
@@ -79,13 +133,22 @@ pub(crate) struct StreamFailure {
 pub(crate) struct HandlerClient {
     channel: Channel,
     timeout: Duration,
+    /// Whether a unary call keeps a copy of its event to give back when the
+    /// handler cannot be reached: only worth the copy where the caller
+    /// tries again.
+    keep_unreachable: bool,
     faults: Arc<FaultState>,
 }
 
 impl HandlerClient {
     /// # Errors
     /// `url` is not a valid endpoint URL.
-    pub fn new(url: &str, timeout: Duration, faults: Arc<FaultState>) -> anyhow::Result<Self> {
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        keep_unreachable: bool,
+        faults: Arc<FaultState>,
+    ) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(url.to_owned())?
             .tcp_nodelay(true)
             .connect_timeout(timeout)
@@ -94,6 +157,7 @@ impl HandlerClient {
         Ok(Self {
             channel,
             timeout,
+            keep_unreachable,
             faults,
         })
     }
@@ -103,6 +167,7 @@ impl HandlerClient {
         let mut client = ConnectionUnaryHandlerClient::new(self.channel.clone());
         let timeout = self.timeout;
         let injected = self.faults.handler_should_fail(conn);
+        let kept = self.keep_unreachable.then(|| ev.clone());
         tokio::spawn(async move {
             if injected {
                 return Err(HandlerError::Injected);
@@ -118,7 +183,7 @@ impl HandlerClient {
             };
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(status)) => Err(HandlerError::Status(status)),
+                Ok(Err(status)) => Err(HandlerError::from_status(status, kept)),
                 Err(_) => Err(HandlerError::Timeout),
             }
         })
@@ -263,5 +328,53 @@ fn fun_of(field: &str) -> &'static str {
         "timer" => "on_timer_timeout",
         "messages" => "on_received_messages",
         _ => "on_socket_closed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_url() -> String {
+        // A port that was free a moment ago: nothing listens there.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    fn timer() -> HandlerEvent {
+        HandlerEvent::Timer(pb::TimerTimeoutRequest {
+            conn: "c".into(),
+            r#type: pb::TimerType::Keepalive as i32,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_refused_unary_call_is_unreachable_and_gives_its_event_back() {
+        let url = refused_url();
+        let keeping =
+            HandlerClient::new(&url, Duration::from_secs(5), true, Arc::default()).unwrap();
+        let err = keeping.unary("c", timer()).await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, HandlerError::Unreachable { reason: "econnrefused", ev: Some(ev) }
+                if matches!(**ev, HandlerEvent::Timer(_))),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "{connection_down,econnrefused}");
+
+        let plain =
+            HandlerClient::new(&url, Duration::from_secs(5), false, Arc::default()).unwrap();
+        let err = plain.unary("c", timer()).await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, HandlerError::Unreachable { ev: None, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_status_the_handler_answered_is_not_unreachable() {
+        // Even UNAVAILABLE, when the handler itself says it.
+        let err = HandlerError::from_status(tonic::Status::unavailable("busy"), Some(timer()));
+        assert!(matches!(err, HandlerError::Status(_)), "{err:?}");
+        assert_eq!(err.to_string(), "{grpc_error,{14,<<\"busy\">>}}");
     }
 }
