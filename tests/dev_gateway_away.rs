@@ -3,7 +3,7 @@
 //! cannot reach the handler, and the connection's later events behind it,
 //! until the handler is back or `handler_retry` has passed; 5.8 fails that
 //! call at once and closes the client. A client with no event meanwhile
-//! notices nothing on either.
+//! notices nothing on either, in both handler modes.
 
 mod dev_gateway_support;
 
@@ -117,12 +117,18 @@ fn bytes_of(events: &mut Events, conn: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn v5_1_an_event_sent_while_the_handler_is_down_reaches_it_when_back() {
+    events_wait_for_the_handler(HandlerMode::Unary).await;
+}
+
+/// 5.1: events sent while the handler is down reach it when it is back, in
+/// order, and nobody is closed.
+async fn events_wait_for_the_handler(mode: HandlerMode) {
     let Outage {
         mut s,
         speaker: mut c,
         conn,
         mut idle,
-    } = outage(EmqxCompat::V5_1, HandlerMode::Unary, LONG_RETRY).await;
+    } = outage(EmqxCompat::V5_1, mode, LONG_RETRY).await;
     let sent = s.gw.stats().handler_events;
     c.send("first\n").await;
     handler_events_reach(&s.gw, sent + 1).await;
@@ -167,9 +173,30 @@ async fn v5_1_a_handler_away_past_handler_retry_closes_the_waiting_client() {
 
 #[tokio::test]
 async fn v5_8_an_event_while_the_handler_is_down_closes_that_client_at_once() {
+    an_event_closes_its_client_at_once(HandlerMode::Unary).await;
+}
+
+/// 5.8: the client that speaks while the handler is down is closed, the
+/// others carry on.
+async fn an_event_closes_its_client_at_once(mode: HandlerMode) {
     // The bound is set, and ignored: a close within WAIT shows no wait.
-    let mut o = outage(EmqxCompat::V5_8, HandlerMode::Unary, LONG_RETRY).await;
+    let mut o = outage(EmqxCompat::V5_8, mode, LONG_RETRY).await;
     o.speaker.send("lost\n").await;
     assert_eq!(o.speaker.eof().await, "");
     o.back_and_only_the_speaker_gone().await;
+}
+
+// In stream mode a request counts as done once written, so only a stream
+// that has to be opened meets the missing handler. The speakers below send
+// their first bytes during the outage, so their bytes stream opens then;
+// the streams open before break under every client, which must close none.
+
+#[tokio::test]
+async fn v5_1_stream_mode_holds_an_event_whose_stream_cannot_open() {
+    events_wait_for_the_handler(HandlerMode::Stream).await;
+}
+
+#[tokio::test]
+async fn v5_8_stream_mode_closes_a_client_whose_stream_cannot_open() {
+    an_event_closes_its_client_at_once(HandlerMode::Stream).await;
 }
