@@ -153,17 +153,21 @@ impl fmt::Display for DenyRule {
     }
 }
 
-/// Which EMQX release's authentication the gateway behaves like
-/// (`--emqx-compat`): they pick the chain from `proto_name` differently.
+/// Which EMQX release the gateway behaves like (`--emqx-compat`): they
+/// pick the authentication chain from `proto_name` differently, and only
+/// the older one waits for a handler it cannot reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum EmqxCompat {
     /// EMQX 5.1.0 to 5.8.7: any name but another gateway's meets the
-    /// gateway's chain (`'unknown:global'`).
+    /// gateway's chain (`'unknown:global'`). A handler call that cannot
+    /// reach the handler waits for it, up to `handler_retry` (seen on
+    /// 5.1.0).
     #[value(name = "5.1")]
     V5_1,
     /// EMQX 5.8.8 and later: only `exproto` meets the gateway's chain; an
     /// unknown name fails inside the authenticate hook, which EMQX logs
-    /// (`failed_to_execute`) and then lets the client in.
+    /// (`failed_to_execute`) and then lets the client in. A handler call
+    /// that cannot reach the handler fails at once (seen on 5.8.9).
     #[default]
     #[value(name = "5.8")]
     V5_8,

@@ -44,12 +44,20 @@ pub struct GatewayConfig {
     pub idle_timeout: Duration,
     /// A handler call that takes longer fails, and its connection closes.
     pub handler_timeout: Duration,
+    /// With [`EmqxCompat::V5_1`]: how long a handler call that cannot reach
+    /// the handler (connection refused or cut, no HTTP/2 connection) keeps
+    /// being tried before it fails and its connection closes. EMQX 5.1's
+    /// gRPC client waits for the handler this way, which is what lets an
+    /// adapter restart lose no event there; 5.8.9 turned it off, so under
+    /// [`EmqxCompat::V5_8`] such a call fails at once and this is unused.
+    pub handler_retry: Duration,
     /// How long an adapter call waits for the connection process before it
     /// answers "Connection is not answered" (EMQX: 5 s).
     pub call_timeout: Duration,
     /// Known users; `None` accepts any credentials.
     pub users: Option<Users>,
-    /// Which EMQX release's choice of authentication chain to follow.
+    /// Which EMQX release to follow where they differ: the choice of
+    /// authentication chain, and what a call does while the handler is away.
     pub emqx_compat: EmqxCompat,
     /// Authorization rules for Publish and Subscribe.
     pub deny: Vec<DenyRule>,
@@ -82,6 +90,9 @@ impl Default for GatewayConfig {
             created_late: false,
             idle_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(5),
+            // Measured: every waiting connection of an EMQX 5.1.0 node closed
+            // about 25 s after its adapter died.
+            handler_retry: Duration::from_secs(25),
             call_timeout: Duration::from_secs(5),
             users: None,
             emqx_compat: EmqxCompat::default(),
@@ -136,6 +147,15 @@ impl GatewayConfig {
                 .with_context(|| format!("bad exhook URL {url:?}"))?;
         }
         Ok(())
+    }
+
+    /// How long a call that cannot reach the handler is tried again: `None`
+    /// where it fails at once (EMQX 5.8, or a zero bound).
+    pub(crate) fn unreachable_retry(&self) -> Option<Duration> {
+        match self.emqx_compat {
+            EmqxCompat::V5_1 if !self.handler_retry.is_zero() => Some(self.handler_retry),
+            _ => None,
+        }
     }
 }
 
@@ -205,7 +225,9 @@ pub struct GatewayArgs {
     /// authentication chain by the `proto_name` of Authenticate: on both,
     /// `exproto` meets --users; on 5.1 so does any name but another
     /// gateway's, while on 5.8 an unknown name skips authentication
-    /// altogether (EMQX logs `failed_to_execute` and lets anyone in).
+    /// altogether (EMQX logs `failed_to_execute` and lets anyone in). They
+    /// also differ while the handler cannot be reached: see
+    /// --handler-retry.
     #[arg(
         long,
         env = "EXPROTO_GATEWAY_EMQX_COMPAT",
@@ -214,6 +236,22 @@ pub struct GatewayArgs {
         default_value_t = EmqxCompat::V5_8
     )]
     pub emqx_compat: EmqxCompat,
+
+    /// With `--emqx-compat 5.1`: how many seconds a handler call keeps being
+    /// tried while the handler cannot be reached (connection refused, no
+    /// HTTP/2 connection), as EMQX 5.1's gRPC client does; that
+    /// connection's later events wait behind it. Past it the call fails and
+    /// the client is closed. `--emqx-compat 5.8` has no such wait (EMQX
+    /// 5.8.9 turned it off): the call fails and the client is closed at
+    /// once. An error status that the handler answers closes the client at
+    /// once on both.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_HANDLER_RETRY",
+        value_name = "SECONDS",
+        default_value_t = 25
+    )]
+    pub handler_retry: u64,
 
     /// Refuse Publish and/or Subscribe with PERMISSION_DENY ("Authorization
     /// deny") on matching topics: `publish:FILTER`, `subscribe:FILTER` or
@@ -271,6 +309,7 @@ impl GatewayArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout),
             users,
             emqx_compat: self.emqx_compat,
+            handler_retry: Duration::from_secs(self.handler_retry),
             deny: self.deny,
             mqtt: self.mqtt,
             node: self.node,
@@ -367,6 +406,27 @@ mod tests {
         assert_eq!(cfg.idle_timeout, Duration::from_secs(30));
         assert!(cfg.users.is_none() && cfg.deny.is_empty() && cfg.mqtt.is_none());
         assert_eq!(cfg.emqx_compat, EmqxCompat::V5_8);
+        assert_eq!(cfg.handler_retry, Duration::from_secs(25));
+        assert_eq!(cfg.unreachable_retry(), None);
+    }
+
+    #[test]
+    fn only_5_1_waits_for_an_unreachable_handler() {
+        let cfg = Cli::parse_from(["x", "--emqx-compat", "5.1", "--handler-retry", "7"])
+            .gw
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.unreachable_retry(), Some(Duration::from_secs(7)));
+        let cfg = Cli::parse_from(["x", "--emqx-compat", "5.1", "--handler-retry", "0"])
+            .gw
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.unreachable_retry(), None);
+        let cfg = Cli::parse_from(["x", "--emqx-compat", "5.8", "--handler-retry", "7"])
+            .gw
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.unreachable_retry(), None);
     }
 
     #[test]
@@ -447,6 +507,7 @@ mod tests {
             "idle-timeout",
             "users",
             "emqx-compat",
+            "handler-retry",
             "deny",
             "mqtt",
             "exhook",

@@ -15,6 +15,17 @@
 //!   are dropped, and `OnSocketClosed` is sent only if no handler call is in
 //!   flight (EMQX loses it otherwise).
 //!
+//! While the handler cannot be reached (refused, cut, no connection), a
+//! handler call fails at once under EMQX 5.8 like any failed call. Under
+//! EMQX 5.1 it waits instead: it is tried again with backoff until the
+//! handler answers or `handler_retry` has passed since its first failure,
+//! and the connection's later events queue behind it, so a quick handler
+//! restart loses nothing and keeps the order. Past the bound it fails like
+//! any call. Meanwhile the process answers adapter calls and runs its
+//! timers as always; a waiting call counts as in flight, and when the
+//! process stops it is dropped, never sent later. A connection with no
+//! event meanwhile notices nothing, on both versions.
+//!
 //! With an ExHook client, an authenticated connection reports
 //! `client.connected`, and `client.disconnected` when its socket closes
 //! (not when it is stopped, as in EMQX); each Publish reports
@@ -23,6 +34,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,10 +79,43 @@ const CREATED_LATE_PAUSE: Duration = Duration::from_millis(50);
 /// A handler that ends its stream at once would otherwise be reopened
 /// forever.
 const MAX_STREAM_REOPEN: u32 = 3;
+/// EMQX 5.1: the first wait before a call that could not reach the handler
+/// is tried again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between tries: a handler back from a restart is found
+/// within about this long.
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 enum Phase {
     Connecting,
     Connected { clientid: String },
+}
+
+/// Held while a connection has a handler call pending, so that
+/// `calls_pending` counts it; released however the process ends.
+struct PendingCall(Arc<Shared>);
+
+impl PendingCall {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.stats.calls_pending.fetch_add(1, Ordering::Relaxed);
+        Self(shared)
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        self.0.stats.calls_pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A handler call waiting for its handler to come back (EMQX 5.1).
+struct Unreachable {
+    /// When the call fails for good and the connection is stopped.
+    give_up: Instant,
+    /// The wait before the next try.
+    backoff: Duration,
+    /// The event and when to try it again; `None` while a try is in flight.
+    again: Option<(HandlerEvent, Instant)>,
 }
 
 struct Keepalive {
@@ -93,6 +138,9 @@ struct Conn {
     queue: VecDeque<HandlerEvent>,
     inflight: Option<JoinHandle<Result<(), HandlerError>>>,
     inflight_fun: &'static str,
+    /// Set while the call in flight, or waiting, could not reach the handler.
+    unreachable: Option<Unreachable>,
+    pending_call: Option<PendingCall>,
     /// Stream mode only.
     streams: Option<ConnStreams>,
     stream_reopens: u32,
@@ -170,6 +218,8 @@ pub(crate) async fn run(
         queue: VecDeque::new(),
         inflight: None,
         inflight_fun: "",
+        unreachable: None,
+        pending_call: None,
         streams,
         stream_reopens: 0,
         created_hold: None,
@@ -277,6 +327,10 @@ impl Conn {
         let shutdown = self.shared.shutdown.clone();
         loop {
             self.pump();
+            let pending = self.inflight.is_some() || self.unreachable.is_some();
+            if pending != self.pending_call.is_some() {
+                self.pending_call = pending.then(|| PendingCall::new(self.shared.clone()));
+            }
             if self.exit {
                 return;
             }
@@ -310,10 +364,25 @@ impl Conn {
         }
     }
 
-    /// Starts the next handler call when none is in flight.
+    /// Starts the next handler call when none is in flight, or tries the
+    /// waiting one again when it is due.
     fn pump(&mut self) {
         if self.inflight.is_some() || self.exit {
             return;
+        }
+        if let Some(waiting) = &mut self.unreachable {
+            match waiting.again.take() {
+                Some((ev, at)) if at <= Instant::now() => {
+                    tracing::debug!(call = ev.fun_name(), "trying the handler again");
+                    self.inflight = Some(self.send_event(ev));
+                    return;
+                }
+                Some(not_yet) => {
+                    waiting.again = Some(not_yet);
+                    return;
+                }
+                None => self.unreachable = None,
+            }
         }
         let Some(ev) = self.queue.pop_front() else {
             return;
@@ -334,7 +403,13 @@ impl Conn {
         self.shared
             .stats
             .handler_events
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed);
+        self.send_event(ev)
+    }
+
+    /// [`dispatch`](Self::dispatch) without counting: a try again is the
+    /// same event.
+    fn send_event(&mut self, ev: HandlerEvent) -> JoinHandle<Result<(), HandlerError>> {
         match &mut self.streams {
             None => self.shared.handler.unary(&self.id, ev),
             Some(streams) => {
@@ -351,7 +426,21 @@ impl Conn {
 
     fn on_call_done(&mut self, res: Result<Result<(), HandlerError>, JoinError>) {
         match res {
-            Ok(Ok(())) => self.stream_reopens = 0,
+            Ok(Ok(())) => {
+                self.stream_reopens = 0;
+                if self.unreachable.take().is_some() {
+                    tracing::debug!(
+                        call = self.inflight_fun,
+                        "handler reached, the waiting call went through"
+                    );
+                }
+            }
+            Ok(Err(HandlerError::Unreachable {
+                reason,
+                ev: Some(ev),
+            })) if self.shared.cfg.unreachable_retry().is_some() => {
+                self.wait_for_handler(*ev, reason);
+            }
             Ok(Err(HandlerError::StreamGone(ev))) if self.stream_reopens < MAX_STREAM_REOPEN => {
                 self.stream_reopens += 1;
                 if let Some(streams) = &mut self.streams {
@@ -365,6 +454,38 @@ impl Conn {
                 self.fail(self.inflight_fun, &HandlerError::Timeout);
             }
         }
+    }
+
+    /// EMQX 5.1: a call that could not reach the handler is tried again
+    /// later, until the bound passes.
+    fn wait_for_handler(&mut self, ev: HandlerEvent, reason: &'static str) {
+        let now = Instant::now();
+        let bound = self.shared.cfg.unreachable_retry().unwrap_or_default();
+        let waiting = self.unreachable.get_or_insert_with(|| {
+            tracing::debug!(
+                call = ev.fun_name(),
+                reason,
+                "handler unreachable, the call waits for it"
+            );
+            Unreachable {
+                give_up: now + bound,
+                backoff: RETRY_FIRST,
+                again: None,
+            }
+        });
+        if now >= waiting.give_up {
+            self.unreachable = None;
+            self.fail(
+                ev.fun_name(),
+                &HandlerError::Unreachable { reason, ev: None },
+            );
+            return;
+        }
+        // The last try falls on the bound, so the client closes when it is
+        // due rather than up to a backoff later.
+        let at = (now + waiting.backoff).min(waiting.give_up);
+        waiting.backoff = (waiting.backoff * 2).min(RETRY_MAX);
+        waiting.again = Some((ev, at));
     }
 
     /// A failed handler call stops the process, as in EMQX.
@@ -382,7 +503,8 @@ impl Conn {
         tracing::info!(%reason, "connection stopped");
         self.drop_socket();
         self.queue.clear();
-        if self.inflight.is_none() {
+        let waiting = self.unreachable.take().is_some_and(|u| u.again.is_some());
+        if self.inflight.is_none() && !waiting {
             let ev = HandlerEvent::Closed(pb::SocketClosedRequest {
                 conn: self.id.to_string(),
                 reason,
@@ -485,6 +607,9 @@ impl Conn {
             self.keepalive.as_ref().map(|k| k.next_check),
             self.created_hold.as_ref().map(|c| c.1),
             self.closed.as_ref().map(|c| c.1),
+            self.unreachable
+                .as_ref()
+                .and_then(|u| u.again.as_ref().map(|a| a.1)),
         ]
         .into_iter()
         .flatten()

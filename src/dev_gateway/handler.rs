@@ -6,14 +6,30 @@
 //! `JoinHandle`, so a connection process keeps answering adapter calls while
 //! its handler call is in flight: the adapter calls Send, Authenticate...
 //! from inside that very handler call.
+//!
+//! A call that cannot reach the handler (no connection, connection refused
+//! or cut) fails with [`HandlerError::Unreachable`], told apart from an
+//! error status the handler answered, so that its connection process can
+//! wait for the handler as EMQX 5.1 does; the error then carries the event
+//! back. A call cut off after its request went out counts as unreachable
+//! too: the gateway cannot tell whether the handler saw it, and neither
+//! can EMQX. In stream mode a request is done once written, as in EMQX, so
+//! only opening a stream can meet an unreachable handler: a new stream
+//! counts as open once the RPC takes its first request, and an RPC that
+//! ends before that gives the waiting request back. An open stream that
+//! breaks because the handler went away fails no call (what was written
+//! is lost, as in EMQX); it is forgotten, and the next event opens a new
+//! one.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::codes::erl_binary;
@@ -61,10 +77,56 @@ pub(crate) enum HandlerError {
     /// again on a new stream (EMQX reopens a stream it cannot find).
     #[error("stream_closed")]
     StreamGone(Box<HandlerEvent>),
+    /// The handler could not be reached, so it answered nothing. `ev` is
+    /// the event, when the caller may try it again.
+    #[error("{{connection_down,{reason}}}")]
+    Unreachable {
+        reason: &'static str,
+        ev: Option<Box<HandlerEvent>>,
+    },
+}
+
+impl HandlerError {
+    /// `Unreachable` for a status that the transport made, keeping `ev`;
+    /// `Status` for one the handler answered.
+    fn from_status(status: tonic::Status, ev: Option<HandlerEvent>) -> Self {
+        match unreachable_reason(&status) {
+            Some(reason) => Self::Unreachable {
+                reason,
+                ev: ev.map(Box::new),
+            },
+            None => Self::Status(status),
+        }
+    }
 }
 
 fn grpc_error(code: i32, message: &str) -> String {
     format!("{{grpc_error,{{{code},{}}}}}", erl_binary(message))
+}
+
+/// Why the handler could not be reached, in EMQX's words, or `None` for a
+/// status the handler answered. tonic gives a status that its transport
+/// made the transport's error as its source; a status read from the
+/// handler's answer has none.
+fn unreachable_reason(status: &tonic::Status) -> Option<&'static str> {
+    let mut cause = std::error::Error::source(status)?;
+    loop {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return Some(match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "econnrefused",
+                std::io::ErrorKind::ConnectionReset => "econnreset",
+                std::io::ErrorKind::ConnectionAborted => "econnaborted",
+                std::io::ErrorKind::BrokenPipe => "epipe",
+                std::io::ErrorKind::TimedOut => "etimedout",
+                _ => "closed",
+            });
+        }
+        match cause.source() {
+            Some(next) => cause = next,
+            // An HTTP/2 connection that ended, with no socket error under it.
+            None => return Some("closed"),
+        }
+    }
 }
 
 /// A stream RPC that failed, reported to its connection process.
@@ -79,13 +141,22 @@ pub(crate) struct StreamFailure {
 pub(crate) struct HandlerClient {
     channel: Channel,
     timeout: Duration,
+    /// Whether a unary call keeps a copy of its event to give back when the
+    /// handler cannot be reached: only worth the copy where the caller
+    /// tries again.
+    keep_unreachable: bool,
     faults: Arc<FaultState>,
 }
 
 impl HandlerClient {
     /// # Errors
     /// `url` is not a valid endpoint URL.
-    pub fn new(url: &str, timeout: Duration, faults: Arc<FaultState>) -> anyhow::Result<Self> {
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        keep_unreachable: bool,
+        faults: Arc<FaultState>,
+    ) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(url.to_owned())?
             .tcp_nodelay(true)
             .connect_timeout(timeout)
@@ -94,6 +165,7 @@ impl HandlerClient {
         Ok(Self {
             channel,
             timeout,
+            keep_unreachable,
             faults,
         })
     }
@@ -103,6 +175,7 @@ impl HandlerClient {
         let mut client = ConnectionUnaryHandlerClient::new(self.channel.clone());
         let timeout = self.timeout;
         let injected = self.faults.handler_should_fail(conn);
+        let kept = self.keep_unreachable.then(|| ev.clone());
         tokio::spawn(async move {
             if injected {
                 return Err(HandlerError::Injected);
@@ -118,7 +191,7 @@ impl HandlerClient {
             };
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(status)) => Err(HandlerError::Status(status)),
+                Ok(Err(status)) => Err(HandlerError::from_status(status, kept)),
                 Err(_) => Err(HandlerError::Timeout),
             }
         })
@@ -144,19 +217,78 @@ impl HandlerClient {
 pub(crate) struct ConnStreams {
     client: HandlerClient,
     failures: mpsc::Sender<StreamFailure>,
-    created: Option<mpsc::Sender<pb::SocketCreatedRequest>>,
-    bytes: Option<mpsc::Sender<pb::ReceivedBytesRequest>>,
-    timer: Option<mpsc::Sender<pb::TimerTimeoutRequest>>,
-    messages: Option<mpsc::Sender<pb::ReceivedMessagesRequest>>,
-    closed: Option<mpsc::Sender<pb::SocketClosedRequest>>,
+    created: Option<OpenStream<pb::SocketCreatedRequest>>,
+    bytes: Option<OpenStream<pb::ReceivedBytesRequest>>,
+    timer: Option<OpenStream<pb::TimerTimeoutRequest>>,
+    messages: Option<OpenStream<pb::ReceivedMessagesRequest>>,
+    closed: Option<OpenStream<pb::SocketClosedRequest>>,
+}
+
+/// The writing end of one stream.
+#[derive(Debug)]
+struct OpenStream<T> {
+    tx: mpsc::Sender<T>,
+    state: Arc<StreamState>,
+}
+
+impl<T> OpenStream<T> {
+    fn usable(&self) -> bool {
+        !self.tx.is_closed() && !self.state.ended.load(Ordering::Acquire)
+    }
+}
+
+/// What the task that runs a stream's RPC and the stream's writers share.
+#[derive(Debug)]
+struct StreamState {
+    /// Taken by whichever comes first: the RPC asking for its first request
+    /// (`Ok`: the stream is open), or the RPC ending before that (its
+    /// error, for the request that waits to be written).
+    opening: Mutex<Option<oneshot::Sender<Result<(), tonic::Status>>>>,
+    /// Set when the RPC ended: the request body may outlive the RPC inside
+    /// the HTTP/2 client, so its channel is not known to be closed.
+    ended: AtomicBool,
+}
+
+impl StreamState {
+    fn take_opening(&self) -> Option<oneshot::Sender<Result<(), tonic::Status>>> {
+        self.opening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// The request body of a stream RPC: the channel its writers fill, which
+/// says that the stream is open the first time the RPC polls it.
+struct Outgoing<T> {
+    rx: mpsc::Receiver<T>,
+    state: Arc<StreamState>,
+}
+
+impl<T> futures::Stream for Outgoing<T> {
+    type Item = T;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if let Some(opened) = self.state.take_opening() {
+            let _ = opened.send(Ok(()));
+        }
+        self.rx.poll_recv(cx)
+    }
 }
 
 type Rpc<T> = fn(
     ConnectionHandlerClient<Channel>,
-    ReceiverStream<T>,
-) -> std::pin::Pin<
+    Outgoing<T>,
+) -> Pin<
     Box<dyn Future<Output = Result<tonic::Response<pb::EmptySuccess>, tonic::Status>> + Send>,
 >;
+
+/// A stream a request is about to be written on, and, for a new stream,
+/// the news of whether it opened.
+type Opened<T> = (
+    mpsc::Sender<T>,
+    Option<oneshot::Receiver<Result<(), tonic::Status>>>,
+);
 
 impl ConnStreams {
     /// Writes one event on its stream; done once written. `pause` holds the
@@ -172,22 +304,43 @@ impl ConnStreams {
         let timeout = self.client.timeout;
         macro_rules! on {
             ($field:ident, $req:expr, $variant:ident, $rpc:expr) => {{
-                let tx = self.open(stringify!($field), |s| &mut s.$field, $rpc);
+                let (tx, opening) = self.open(stringify!($field), |s| &mut s.$field, $rpc);
                 let req = $req;
                 tokio::spawn(async move {
                     if injected {
                         return Err(HandlerError::Injected);
                     }
-                    match tokio::time::timeout(timeout, tx.send(req)).await {
+                    let write = async move {
+                        if let Some(opening) = opening {
+                            match opening.await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(status)) => {
+                                    return Err(HandlerError::from_status(
+                                        status,
+                                        Some(HandlerEvent::$variant(req)),
+                                    ));
+                                }
+                                // Ended without a word before taking a
+                                // request: as if the handler closed it.
+                                Err(_) => {
+                                    return Err(HandlerError::StreamGone(Box::new(
+                                        HandlerEvent::$variant(req),
+                                    )));
+                                }
+                            }
+                        }
+                        tx.send(req).await.map_err(|mpsc::error::SendError(req)| {
+                            HandlerError::StreamGone(Box::new(HandlerEvent::$variant(req)))
+                        })
+                    };
+                    match tokio::time::timeout(timeout, write).await {
                         Ok(Ok(())) => {
                             if !pause.is_zero() {
                                 tokio::time::sleep(pause).await;
                             }
                             Ok(())
                         }
-                        Ok(Err(mpsc::error::SendError(req))) => Err(HandlerError::StreamGone(
-                            Box::new(HandlerEvent::$variant(req)),
-                        )),
+                        Ok(Err(e)) => Err(e),
                         Err(_) => Err(HandlerError::Timeout),
                     }
                 })
@@ -228,31 +381,61 @@ impl ConnStreams {
     fn open<T: Send + 'static>(
         &mut self,
         name: &'static str,
-        slot: fn(&mut Self) -> &mut Option<mpsc::Sender<T>>,
+        slot: fn(&mut Self) -> &mut Option<OpenStream<T>>,
         rpc: Rpc<T>,
-    ) -> mpsc::Sender<T> {
-        if let Some(tx) = slot(self) {
-            if !tx.is_closed() {
-                return tx.clone();
+    ) -> Opened<T> {
+        if let Some(stream) = slot(self) {
+            if stream.usable() {
+                return (stream.tx.clone(), None);
             }
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (opened_tx, opened) = oneshot::channel();
+        let state = Arc::new(StreamState {
+            opening: Mutex::new(Some(opened_tx)),
+            ended: AtomicBool::new(false),
+        });
+        let body = Outgoing {
+            rx,
+            state: state.clone(),
+        };
         let client = ConnectionHandlerClient::new(self.client.channel.clone());
         let failures = self.failures.clone();
         let fun = fun_of(name);
+        let rpc_state = state.clone();
         tokio::spawn(async move {
-            if let Err(status) = rpc(client, ReceiverStream::new(rx)).await {
-                // The connection may be gone already; then nobody needs it.
-                let _ = failures
-                    .send(StreamFailure {
-                        fun,
-                        error: HandlerError::Status(status),
-                    })
-                    .await;
+            let res = rpc(client, body).await;
+            rpc_state.ended.store(true, Ordering::Release);
+            let Err(status) = res else {
+                return;
+            };
+            if let Some(opening) = rpc_state.take_opening() {
+                // Nothing was written yet: the writer waiting for this stream
+                // gets the error along with its request.
+                let _ = opening.send(Err(status));
+                return;
             }
+            if let Some(reason) = unreachable_reason(&status) {
+                tracing::debug!(
+                    call = fun,
+                    reason,
+                    "handler stream broken, reopened on next use"
+                );
+                return;
+            }
+            // The connection may be gone already; then nobody needs it.
+            let _ = failures
+                .send(StreamFailure {
+                    fun,
+                    error: HandlerError::Status(status),
+                })
+                .await;
         });
-        *slot(self) = Some(tx.clone());
-        tx
+        *slot(self) = Some(OpenStream {
+            tx: tx.clone(),
+            state,
+        });
+        (tx, Some(opened))
     }
 }
 
@@ -263,5 +446,79 @@ fn fun_of(field: &str) -> &'static str {
         "timer" => "on_timer_timeout",
         "messages" => "on_received_messages",
         _ => "on_socket_closed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_url() -> String {
+        // A port that was free a moment ago: nothing listens there.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    fn timer() -> HandlerEvent {
+        HandlerEvent::Timer(pb::TimerTimeoutRequest {
+            conn: "c".into(),
+            r#type: pb::TimerType::Keepalive as i32,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_refused_unary_call_is_unreachable_and_gives_its_event_back() {
+        let url = refused_url();
+        let keeping =
+            HandlerClient::new(&url, Duration::from_secs(5), true, Arc::default()).unwrap();
+        let err = keeping.unary("c", timer()).await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, HandlerError::Unreachable { reason: "econnrefused", ev: Some(ev) }
+                if matches!(**ev, HandlerEvent::Timer(_))),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "{connection_down,econnrefused}");
+
+        let plain =
+            HandlerClient::new(&url, Duration::from_secs(5), false, Arc::default()).unwrap();
+        let err = plain.unary("c", timer()).await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, HandlerError::Unreachable { ev: None, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_cannot_open_gives_its_request_back() {
+        let client = HandlerClient::new(
+            &refused_url(),
+            Duration::from_secs(5),
+            false,
+            Arc::default(),
+        )
+        .unwrap();
+        let (failures, mut failed) = mpsc::channel(1);
+        let mut streams = client.streams(failures);
+        let err = streams
+            .send("c", timer(), Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(&err, HandlerError::Unreachable { reason: "econnrefused", ev: Some(ev) }
+                if matches!(**ev, HandlerEvent::Timer(_))),
+            "{err:?}"
+        );
+        // The write got the error; nothing else closes the connection.
+        drop(streams);
+        assert!(failed.recv().await.is_none());
+    }
+
+    #[test]
+    fn a_status_the_handler_answered_is_not_unreachable() {
+        // Even UNAVAILABLE, when the handler itself says it.
+        let err = HandlerError::from_status(tonic::Status::unavailable("busy"), Some(timer()));
+        assert!(matches!(err, HandlerError::Status(_)), "{err:?}");
+        assert_eq!(err.to_string(), "{grpc_error,{14,<<\"busy\">>}}");
     }
 }

@@ -125,7 +125,12 @@ impl DevGateway {
             None => Router::Memory(MemoryRouter::default()),
         };
         let faults = Arc::new(FaultState::default());
-        let handler = HandlerClient::new(&cfg.handler, cfg.handler_timeout, faults.clone())?;
+        let handler = HandlerClient::new(
+            &cfg.handler,
+            cfg.handler_timeout,
+            cfg.unreachable_retry().is_some(),
+            faults.clone(),
+        )?;
         let shutdown = CancellationToken::new();
         let exhook = match &cfg.exhook {
             Some(url) => Some(HookClient::start(
@@ -165,6 +170,7 @@ impl DevGateway {
             handler = %shared.cfg.handler,
             mode = ?shared.cfg.handler_mode,
             emqx_compat = ?shared.cfg.emqx_compat,
+            handler_retry = ?shared.cfg.unreachable_retry(),
             mqtt = shared.cfg.mqtt.is_some(),
             exhook = shared.cfg.exhook.as_deref().unwrap_or("off"),
             "dev gateway started"
@@ -204,6 +210,14 @@ impl DevGateway {
             handler_events: self.shared.stats.handler_events.load(Ordering::Relaxed),
             adapter_calls: self.shared.stats.adapter_calls.load(Ordering::Relaxed),
         }
+    }
+
+    /// Connections with a handler call in flight or waiting for an
+    /// unreachable handler. Zero means that every event sent so far has been
+    /// answered (`OnSocketClosed` aside, which nobody waits for), so a test
+    /// that stops the handler then cuts no call off half-way.
+    pub fn handler_calls_pending(&self) -> usize {
+        self.shared.stats.calls_pending.load(Ordering::Relaxed)
     }
 
     /// Live connection processes (including those draining after their

@@ -3,7 +3,7 @@
 //! start. It sits below all of them so that none of them needs another to
 //! reach the registry, the router or the handler client.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -37,4 +37,7 @@ pub(crate) struct Shared {
 pub(crate) struct Counters {
     pub handler_events: AtomicU64,
     pub adapter_calls: AtomicU64,
+    /// Connections with a handler call in flight or waiting for the
+    /// handler now.
+    pub calls_pending: AtomicUsize,
 }

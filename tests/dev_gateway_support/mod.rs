@@ -1,13 +1,18 @@
 //! Shared by the dev gateway's integration tests: an in-test handler that
-//! serves both handler services and records every event, a scripted
-//! behaviour that drives the ConnectionAdapter from client lines, a line
-//! client, and waits with deadlines instead of sleeps.
+//! serves both handler services and records every event, and that a test
+//! can stop as if its process died and start again; a scripted behaviour
+//! that drives the ConnectionAdapter from client lines; a line client; and
+//! waits with deadlines instead of sleeps.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
 use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig};
 use exproto_adapter::pb;
@@ -17,9 +22,14 @@ use exproto_adapter::pb::connection_unary_handler_server::{
     ConnectionUnaryHandler, ConnectionUnaryHandlerServer,
 };
 use futures::future::BoxFuture;
-use tokio::net::TcpListener;
+use futures::StreamExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
-use tonic::transport::server::TcpIncoming;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -290,33 +300,156 @@ pub struct Handler {
 }
 
 pub async fn start_handler(behavior: Behavior) -> (Handler, Events) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let handler = TestHandler {
-        events: tx,
-        behavior,
-        inflight: Arc::default(),
-        max_inflight: Arc::default(),
-    };
-    let max_inflight = handler.max_inflight.clone();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tokio::spawn(
+    let (process, events) = HandlerProcess::start(behavior).await;
+    // Dropping the process leaves it serving, until the test's runtime ends.
+    (process.handle(), events)
+}
+
+/// A test handler that can die and come back: [`stop`](Self::stop) cuts
+/// every connection to it and closes its port, as when the process is
+/// killed; [`restart`](Self::restart) serves again on the same address,
+/// with the same behaviour and the same [`Events`].
+pub struct HandlerProcess {
+    addr: SocketAddr,
+    handler: TestHandler,
+    running: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl HandlerProcess {
+    pub async fn start(behavior: Behavior) -> (HandlerProcess, Events) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handler = TestHandler {
+            events: tx,
+            behavior,
+            inflight: Arc::default(),
+            max_inflight: Arc::default(),
+        };
+        let process = HandlerProcess {
+            addr: listener.local_addr().unwrap(),
+            running: Some(serve(listener, handler.clone())),
+            handler,
+        };
+        let events = Events {
+            rx,
+            seen: Vec::new(),
+        };
+        (process, events)
+    }
+
+    pub fn handle(&self) -> Handler {
+        Handler {
+            url: format!("http://{}", self.addr),
+            max_inflight: self.handler.max_inflight.clone(),
+        }
+    }
+
+    /// Returns once the port is closed and every connection is gone; calls
+    /// in flight are cut off.
+    pub async fn stop(&mut self) {
+        let (kill, served) = self.running.take().expect("handler not running");
+        kill.cancel();
+        served.await.unwrap();
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.running.is_none(), "handler still running");
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.running = Some(serve(listener, self.handler.clone()));
+    }
+}
+
+fn serve(listener: TcpListener, handler: TestHandler) -> (CancellationToken, JoinHandle<()>) {
+    let kill = CancellationToken::new();
+    let conn_kill = kill.clone();
+    let incoming = TcpListenerStream::new(listener).map(move |accepted| {
+        accepted.map(|socket| {
+            // Accepted from a plain listener stream, a socket keeps Nagle,
+            // which holds back small replies.
+            let _ = socket.set_nodelay(true);
+            Killable {
+                socket,
+                killed: Box::pin(conn_kill.clone().cancelled_owned()),
+                dead: false,
+            }
+        })
+    });
+    let shutdown = kill.clone().cancelled_owned();
+    let served = tokio::spawn(async move {
         Server::builder()
             .add_service(ConnectionUnaryHandlerServer::new(handler.clone()))
             .add_service(ConnectionHandlerServer::new(handler))
-            .serve_with_incoming(incoming),
-    );
-    (
-        Handler {
-            url: format!("http://{addr}"),
-            max_inflight,
-        },
-        Events {
-            rx,
-            seen: Vec::new(),
-        },
-    )
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .unwrap();
+    });
+    (kill, served)
+}
+
+/// A served socket that fails every read and write once its process is
+/// killed, so that the server drops it at once instead of saying goodbye
+/// (a graceful stop would wait for the gateway's open streams to end).
+struct Killable {
+    socket: TcpStream,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    dead: bool,
+}
+
+impl Killable {
+    fn alive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.dead && self.killed.as_mut().poll(cx).is_ready() {
+            self.dead = true;
+        }
+        if self.dead {
+            Err(io::ErrorKind::ConnectionReset.into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsyncRead for Killable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.alive(cx)?;
+        Pin::new(&mut this.socket).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Killable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.alive(cx)?;
+        Pin::new(&mut this.socket).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.alive(cx)?;
+        Pin::new(&mut this.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.alive(cx)?;
+        Pin::new(&mut this.socket).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Killable {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.socket.connect_info()
+    }
 }
 
 pub type Adapter = ConnectionAdapterClient<Channel>;
@@ -544,12 +677,15 @@ pub struct Scripted {
     pub events: Events,
     pub adapter: Adapter,
     pub handler: Handler,
+    /// The handler, to stop and restart.
+    pub process: HandlerProcess,
 }
 
 pub async fn scripted(cfg: impl FnOnce(&mut GatewayConfig)) -> Scripted {
     init_tracing();
     let slot = AdapterSlot::default();
-    let (handler, events) = start_handler(script(slot.clone())).await;
+    let (process, events) = HandlerProcess::start(script(slot.clone())).await;
+    let handler = process.handle();
     let mut config = GatewayConfig::for_tests(handler.url.clone());
     cfg(&mut config);
     let gw = DevGateway::start(config).await.unwrap();
@@ -560,6 +696,7 @@ pub async fn scripted(cfg: impl FnOnce(&mut GatewayConfig)) -> Scripted {
         events,
         adapter,
         handler,
+        process,
     }
 }
 
