@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use exproto_adapter::dev_gateway::{DevGateway, GatewayConfig};
+use exproto_adapter::dev_gateway::{DevGateway, EmqxCompat, GatewayConfig};
 use line_client::{Client, WAIT};
 use tokio::process::{Child, Command};
 
@@ -151,4 +151,54 @@ async fn sessions_survive_a_sigkill_and_a_restart() {
     sigkill(third).await;
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that speaks while the adapter is down: EMQX 5.1 holds the call
+/// and retries until a handler is back, so the restarted adapter carries
+/// the command out, once; EMQX 5.8 closes that client at once. Idle
+/// clients go on under both.
+#[tokio::test]
+async fn a_publish_during_the_gap_is_carried_out_once_on_5_1_and_closes_on_5_8() {
+    for compat in [EmqxCompat::V5_1, EmqxCompat::V5_8] {
+        let dir = state_dir();
+        let port = handler_port();
+        let mut cfg = GatewayConfig::for_tests(format!("http://127.0.0.1:{port}"));
+        cfg.emqx_compat = compat;
+        let gw = DevGateway::start(cfg).await.unwrap();
+        let first = adapter(port, &gw, Some(&dir)).await;
+        let mut speaker = Client::connect(gw.client_addr()).await;
+        assert_eq!(speaker.line().await, HELLO);
+        assert_eq!(speaker.ask("CONNECT speaker").await, "OK CONNECT speaker");
+        let mut idle = Client::connect(gw.client_addr()).await;
+        assert_eq!(idle.line().await, HELLO);
+        assert_eq!(idle.ask("CONNECT idle").await, "OK CONNECT idle");
+        assert_eq!(idle.ask("SUB chat/x").await, "OK SUB chat/x 0");
+
+        sigkill(first).await;
+        speaker.send("PUB chat/x :said in the gap\n").await;
+        match compat {
+            EmqxCompat::V5_1 => {
+                // The call waits in the gateway until the adapter is back.
+                let second = adapter(port, &gw, Some(&dir)).await;
+                assert_eq!(speaker.line().await, "OK PUB chat/x");
+                assert_eq!(idle.line().await, "MSG chat/x speaker :said in the gap");
+                // Exactly once: the next line is the answer to this PING.
+                assert_eq!(idle.ask("PING").await, "PONG");
+                assert_eq!(speaker.ask("PING").await, "PONG");
+                sigkill(second).await;
+            }
+            EmqxCompat::V5_8 => {
+                assert_eq!(
+                    speaker.eof().await,
+                    "",
+                    "5.8 closes a client that speaks meanwhile"
+                );
+                let second = adapter(port, &gw, Some(&dir)).await;
+                assert_eq!(idle.ask("PING").await, "PONG");
+                sigkill(second).await;
+            }
+        }
+        gw.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
