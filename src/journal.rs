@@ -10,8 +10,10 @@
 //! share a sync, and a message never waits for the disk. The file is one header and then
 //! records, each with its length and CRC-32: a crash in the middle of a
 //! write leaves a torn last record, which reading stops at and cuts off.
-//! When the file holds much more than the live states it is rewritten
-//! with those alone (to a new file, renamed over the old).
+//! When the file has grown to several times its size after the last
+//! rewrite, it is read back and rewritten with the live states alone (to a
+//! new file, renamed over the old): the writer keeps no copy of the states
+//! in memory, which would cost as much again as the sessions themselves.
 //!
 //! File: `sessions.journal` = `EXPJ` (4 bytes), format version (u16), then
 //! records `length (u32) | crc32 (u32) | payload`, payload = `1 | conn |
@@ -34,8 +36,8 @@ const FILE: &str = "sessions.journal";
 const QUEUE: usize = 8192;
 /// Records written in one batch at most.
 const BATCH: usize = 1024;
-/// The file is rewritten once it is this many times the live states (and
-/// at least `COMPACT_MIN` bytes).
+/// The file is rewritten once it is this many times its size after the
+/// last rewrite (and at least `COMPACT_MIN` bytes).
 const COMPACT_RATIO: u64 = 4;
 const COMPACT_MIN: u64 = 1 << 20;
 
@@ -98,15 +100,13 @@ impl Journal {
         };
         rewrite(&path, &saved)?;
         let file = OpenOptions::new().append(true).open(&path)?;
+        let base = file.metadata()?.len();
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(JournalStats::default());
         let writer = Writer {
             path,
             file: BufWriter::new(file),
-            live: saved
-                .iter()
-                .map(|(k, v)| (Arc::<str>::from(k.as_str()), v.clone()))
-                .collect(),
+            base,
             stats: stats.clone(),
         };
         std::thread::Builder::new()
@@ -285,7 +285,8 @@ fn rewrite<K: AsRef<str>>(path: &Path, live: &HashMap<K, Vec<u8>>) -> io::Result
 struct Writer {
     path: PathBuf,
     file: BufWriter<File>,
-    live: HashMap<Arc<str>, Vec<u8>>,
+    /// The file's size after the last rewrite: the live states then.
+    base: u64,
     stats: Arc<JournalStats>,
 }
 
@@ -313,25 +314,20 @@ impl Writer {
             let mut written = 0;
             for r in records {
                 match r {
-                    Record::Put(conn, state, done) => {
-                        self.live.insert(conn, state);
+                    Record::Put(_, _, done) => {
                         if let Some(done) = done {
                             let _ = done.send(());
                         }
                         written += 1;
                     }
-                    Record::Remove(conn) => {
-                        self.live.remove(&conn);
-                        written += 1;
-                    }
+                    Record::Remove(_) => written += 1,
                     Record::Flush(done) => {
                         let _ = done.send(());
                     }
                 }
             }
             self.stats.written.fetch_add(written, Ordering::Relaxed);
-            let live: u64 = self.live.values().map(|v| v.len() as u64 + 64).sum();
-            if size > COMPACT_MIN.max(live * COMPACT_RATIO) {
+            if size > COMPACT_MIN.max(self.base.saturating_mul(COMPACT_RATIO)) {
                 match self.compact() {
                     Ok(new_size) => size = new_size,
                     Err(e) => tracing::warn!(error = %e, "cannot compact the session journal"),
@@ -347,8 +343,13 @@ impl Writer {
     }
 
     fn compact(&mut self) -> io::Result<u64> {
-        let size = rewrite(&self.path, &self.live)?;
+        let mut bytes = Vec::new();
+        File::open(&self.path)?.read_to_end(&mut bytes)?;
+        let live = replay(&bytes)?;
+        drop(bytes);
+        let size = rewrite(&self.path, &live)?;
         self.file = BufWriter::new(OpenOptions::new().append(true).open(&self.path)?);
+        self.base = size;
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(size)
     }
