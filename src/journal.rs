@@ -168,8 +168,16 @@ pub fn read(dir: &Path) -> io::Result<Saved> {
 
 /// The live states in `bytes`, stopping at a torn or corrupt record.
 fn replay(bytes: &[u8]) -> io::Result<Saved> {
+    Ok(live(bytes)?
+        .into_iter()
+        .map(|(conn, state)| (conn.to_owned(), state.to_vec()))
+        .collect())
+}
+
+/// The live states in `bytes` as slices of it: a rewrite needs no copy.
+fn live(bytes: &[u8]) -> io::Result<HashMap<&str, &[u8]>> {
     let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
-    let mut saved = Saved::new();
+    let mut saved = HashMap::new();
     if bytes.is_empty() {
         return Ok(saved);
     }
@@ -190,12 +198,10 @@ fn replay(bytes: &[u8]) -> io::Result<Saved> {
             break;
         };
         let mut r = exproto_protocol::state::Reader::new(payload);
-        let kind = r.u8();
-        let conn = r.str().map(str::to_owned);
-        match (kind, conn) {
+        match (r.u8(), r.str()) {
             (Ok(PUT), Ok(conn)) => match r.bytes() {
                 Ok(state) => {
-                    saved.insert(conn, state.to_vec());
+                    saved.insert(conn, state);
                 }
                 Err(_) => {
                     torn = true;
@@ -203,7 +209,7 @@ fn replay(bytes: &[u8]) -> io::Result<Saved> {
                 }
             },
             (Ok(REMOVE), Ok(conn)) => {
-                saved.remove(&conn);
+                saved.remove(conn);
             }
             _ => {
                 torn = true;
@@ -236,50 +242,55 @@ fn next_record<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
 }
 
 fn encode(record: &Record, out: &mut Vec<u8>) {
-    let mut w = exproto_protocol::state::Writer::new();
     match record {
-        Record::Put(conn, state, _) => {
-            w.u8(PUT);
-            w.str(conn);
-            w.bytes(state);
-        }
+        Record::Put(conn, state, _) => encode_put(conn, state, out),
         Record::Remove(conn) => {
+            let mut w = exproto_protocol::state::Writer::new();
             w.u8(REMOVE);
             w.str(conn);
+            frame(&w.into_bytes(), out);
         }
-        Record::Flush(_) => return,
+        Record::Flush(_) => {}
     }
-    let payload = w.into_bytes();
-    out.extend_from_slice(
-        &u32::try_from(payload.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
-    out.extend_from_slice(&payload);
 }
 
-/// Writes `live` as a fresh journal at `path`, atomically.
-fn rewrite<K: AsRef<str>>(path: &Path, live: &HashMap<K, Vec<u8>>) -> io::Result<u64> {
+fn encode_put(conn: &str, state: &[u8], out: &mut Vec<u8>) {
+    let mut w = exproto_protocol::state::Writer::new();
+    w.u8(PUT);
+    w.str(conn);
+    w.bytes(state);
+    frame(&w.into_bytes(), out);
+}
+
+fn frame(payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Writes `live` as a fresh journal at `path`, atomically; returns its
+/// size. Streamed through a buffer, not built whole in memory.
+fn rewrite<K: AsRef<str>, V: AsRef<[u8]>>(path: &Path, live: &HashMap<K, V>) -> io::Result<u64> {
     let tmp: PathBuf = path.with_extension("journal.new");
-    let mut bytes = Vec::with_capacity(6 + live.values().map(|v| v.len() + 64).sum::<usize>());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&FORMAT.to_be_bytes());
+    let mut out = BufWriter::new(File::create(&tmp)?);
+    out.write_all(MAGIC)?;
+    out.write_all(&FORMAT.to_be_bytes())?;
+    let mut size = 6u64;
+    let mut record = Vec::new();
     for (conn, state) in live {
-        encode(
-            &Record::Put(Arc::from(conn.as_ref()), state.clone(), None),
-            &mut bytes,
-        );
+        record.clear();
+        encode_put(conn.as_ref(), state.as_ref(), &mut record);
+        out.write_all(&record)?;
+        size += record.len() as u64;
     }
-    let mut f = File::create(&tmp)?;
-    f.write_all(&bytes)?;
+    let f = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     f.sync_data()?;
     fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         // The rename itself must survive a crash.
         File::open(dir)?.sync_all()?;
     }
-    Ok(bytes.len() as u64)
+    Ok(size)
 }
 
 struct Writer {
@@ -345,9 +356,7 @@ impl Writer {
     fn compact(&mut self) -> io::Result<u64> {
         let mut bytes = Vec::new();
         File::open(&self.path)?.read_to_end(&mut bytes)?;
-        let live = replay(&bytes)?;
-        drop(bytes);
-        let size = rewrite(&self.path, &live)?;
+        let size = rewrite(&self.path, &live(&bytes)?)?;
         self.file = BufWriter::new(OpenOptions::new().append(true).open(&self.path)?);
         self.base = size;
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
