@@ -263,7 +263,11 @@ fn encode_put(conn: &str, state: &[u8], out: &mut Vec<u8>) {
 }
 
 fn frame(payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
     out.extend_from_slice(payload);
 }
