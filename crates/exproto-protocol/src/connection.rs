@@ -530,6 +530,52 @@ mod tests {
         assert_eq!(run(true), plain);
     }
 
+    /// Format 1 as this build writes it, byte for byte. A later build that
+    /// changes the format must still read these bytes: this test keeps the
+    /// promise that adapter N+1 can take over from N.
+    const FORMAT_1: &str =
+        "455850430001000000046368617400020104000000001f390000003601000000000000005701\
+        0100000000000000000000000000000000640000000100000001610000000000075055422061\
+        203a00000000";
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn format_1_reads_back_the_same_whatever_builds_later() {
+        let config = ProtocolConfig {
+            keepalive: Duration::ZERO,
+            ..ProtocolConfig::default()
+        };
+        let mut c = Connection::new(crate::Protocol::new_session(
+            &crate::chat::Chat::new(config.clone()),
+            SessionInit { random: 0x57 },
+        ));
+        let meta = ConnMeta {
+            socktype: SockType::Udp,
+            sockname: Some("0.0.0.0:7993".parse().unwrap()),
+            ..ConnMeta::default()
+        };
+        c.handle(Event::Created(meta), 0);
+        c.take_output();
+        say(&mut c, "CONNECT a\nSUB a\nPUB a :", 100);
+        let saved = c.save("chat").unwrap();
+        let golden = unhex(&FORMAT_1.replace(char::is_whitespace, ""));
+        let mut d = Connection::restore(&crate::chat::Chat::new(config), &golden)
+            .expect("format 1 stays readable");
+        assert_eq!(d.listener().socktype, SockType::Udp);
+        assert_eq!(say(&mut d, "x\nPING\n", 200), "OK PUB a\nPONG\n");
+        assert_eq!(hex(&saved), hex(&golden), "format 1 as written today");
+    }
+
     #[test]
     fn output_gathers_across_events_until_taken() {
         let mut c = chat(ProtocolConfig::default());
