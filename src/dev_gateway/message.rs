@@ -28,13 +28,6 @@ fn new_message_id() -> String {
     format!("{micros:016X}{salt:08X}{seq:08X}")
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 /// A message as EMQX's exproto channel hands it to `OnReceivedMessages`.
 pub(crate) fn make_message(
     node: &str,
@@ -50,7 +43,7 @@ pub(crate) fn make_message(
         from: from.to_owned(),
         topic: topic.to_owned(),
         payload,
-        timestamp: now_ms(),
+        timestamp: crate::store::now_ms(),
     }
 }
 
