@@ -14,7 +14,7 @@ use crate::exhook::HookConfig;
 use crate::protocol::topic;
 use crate::protocol::{ClientidPolicy, ProtocolConfig};
 use crate::server::AdapterConfig;
-use crate::server::PresenceConfig;
+use crate::server::{PresenceConfig, UpgradeConfig};
 use crate::session::DriverConfig;
 use crate::store::{Retention, StoreUrl};
 use crate::tls::{EmqxTlsFiles, ServerTlsFiles};
@@ -292,6 +292,23 @@ pub struct ServeArgs {
     #[arg(long, env = "EXPROTO_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// A Unix socket for zero-drop upgrades. A running adapter listens on
+    /// it; a new `serve` started with the same path takes over: the
+    /// listening sockets and every session pass to it, clients see
+    /// nothing, and the old process exits. Without it nothing changes.
+    #[arg(long, env = "EXPROTO_UPGRADE_SOCKET", value_name = "PATH")]
+    pub upgrade_socket: Option<PathBuf>,
+
+    /// Exit with an error, instead of starting fresh, when no running
+    /// adapter hands over through --upgrade-socket.
+    #[arg(long, env = "EXPROTO_UPGRADE_REQUIRED", requires = "upgrade_socket")]
+    pub upgrade_required: bool,
+
+    /// Seconds a takeover may take: the running adapter's first answer,
+    /// and how long events wait for the sessions still on their way.
+    #[arg(long, env = "EXPROTO_UPGRADE_TIMEOUT", default_value = "15", value_parser = parse_positive_seconds, value_name = "SECONDS")]
+    pub upgrade_timeout: Duration,
+
     /// Hook records (presence changes, messages) waiting for the database
     /// at most; more are dropped and counted so EMQX is never held up.
     #[arg(long, env = "EXPROTO_EXHOOK_QUEUE", default_value_t = 10_000)]
@@ -377,6 +394,12 @@ impl ServeArgs {
             },
             presence,
             state_dir: self.state_dir.clone(),
+            metrics: self.metrics,
+            upgrade: self.upgrade_socket.as_ref().map(|socket| UpgradeConfig {
+                socket: socket.clone(),
+                required: self.upgrade_required,
+                timeout: self.upgrade_timeout,
+            }),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod upgrade;
 
 /// The sans-IO protocol layer, a crate of its own (`exproto-protocol`) so
 /// that protocol authors compile neither tonic nor a database driver.

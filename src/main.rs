@@ -206,7 +206,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         gateway.adapter_addr(),
         if args.no_presence { "off" } else { "on" }
     );
-    let result = run_until_signalled(adapter).await;
+    let result = run_until_signalled(adapter, None).await;
     gateway.shutdown().await;
     drop(run_store);
     result
@@ -263,9 +263,59 @@ async fn shutdown_signal() {
     Signals::new().next().await;
 }
 
+/// How to start this process again: the same binary path and arguments,
+/// for a takeover on SIGHUP (`systemctl reload`).
+struct Successor {
+    exe: std::path::PathBuf,
+    args: Vec<std::ffi::OsString>,
+}
+
+impl Successor {
+    fn of_this_process() -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| "exproto-adapter".into());
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        // It must take over, not start beside this one.
+        if !args.iter().any(|a| a == "--upgrade-required") {
+            args.push("--upgrade-required".into());
+        }
+        Self { exe, args }
+    }
+
+    /// Starts the successor; it takes over through the upgrade socket and
+    /// this process exits once it has everything.
+    fn spawn(&self) {
+        match std::process::Command::new(&self.exe)
+            .args(&self.args)
+            .spawn()
+        {
+            Ok(child) => {
+                tracing::info!(pid = child.id(), exe = %self.exe.display(), "started a successor to take over")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, exe = %self.exe.display(), "cannot start a successor; this adapter goes on")
+            }
+        }
+    }
+}
+
+/// SIGHUP, or never where there is none.
+async fn hangup(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs the adapter until SIGTERM/SIGINT: the first drains it, a second
-/// exits at once.
-async fn run_until_signalled(mut adapter: RunningAdapter) -> anyhow::Result<()> {
+/// exits at once. SIGHUP starts a `successor` that takes over (without
+/// one, it is ignored).
+async fn run_until_signalled(
+    mut adapter: RunningAdapter,
+    successor: Option<Successor>,
+) -> anyhow::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut signals = Signals::new();
     let (first, first_rx) = tokio::sync::oneshot::channel::<()>();
     let mut first = Some(first);
@@ -276,6 +326,10 @@ async fn run_until_signalled(mut adapter: RunningAdapter) -> anyhow::Result<()> 
     loop {
         tokio::select! {
             r = &mut running => return r,
+            () = hangup(&mut hup) => match &successor {
+                Some(s) => s.spawn(),
+                None => tracing::warn!("SIGHUP ignored: a takeover needs --upgrade-socket"),
+            },
             () = signals.next() => match first.take() {
                 Some(first) => {
                     tracing::info!("signal received; a second one exits at once");
@@ -314,7 +368,8 @@ async fn metrics_on(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    telemetry::install_prometheus(listener)
+    // The demo hands nothing over: its metrics run until exit.
+    telemetry::install_prometheus(listener, Default::default())
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -384,11 +439,16 @@ async fn run() -> anyhow::Result<()> {
             }
         }
         Command::Serve(args) => {
-            if let Some(addr) = args.metrics {
-                metrics_on(addr).await?;
-            }
-            let adapter = Server::builder(args.to_config()).start().await?;
-            run_until_signalled(adapter).await?;
+            // Captured before anything can replace the file, so that a
+            // reload runs the binary now installed at the same path.
+            let successor = args
+                .upgrade_socket
+                .is_some()
+                .then(Successor::of_this_process);
+            let mut adapter = Server::builder(args.to_config()).start().await?;
+            adapter.ready().await;
+            exproto_adapter::upgrade::notify_systemd(&[sd_notify::NotifyState::Ready]);
+            run_until_signalled(adapter, successor).await?;
         }
         Command::DevGateway(args) => {
             let gateway = DevGateway::start(args.into_config()?).await?;

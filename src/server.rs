@@ -5,13 +5,17 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use futures::StreamExt;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::emqx::{ConnectionAdapter, GrpcAdapter};
@@ -24,6 +28,7 @@ use crate::protocol::{self, Protocol, ProtocolConfig};
 use crate::session::{Driver, DriverConfig, StoreReader};
 use crate::store::{self, Store, StoreUrl};
 use crate::tls::{EmqxTlsFiles, ServerTlsFiles};
+use crate::upgrade::{self, Inherited, Link, Offered, Role};
 
 /// Everything the adapter needs to run; the CLI builds it from flags.
 #[derive(Debug, Clone)]
@@ -59,6 +64,23 @@ pub struct AdapterConfig {
     /// crash (or a stop) restores them (`--state-dir`); `None`: they live
     /// in memory only.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Where Prometheus metrics are served (`GET /metrics`); `None`: not.
+    pub metrics: Option<SocketAddr>,
+    /// Takeover from (and by) another adapter process (`--upgrade-socket`).
+    pub upgrade: Option<UpgradeConfig>,
+}
+
+/// How an adapter hands over to its successor, and takes over from its
+/// predecessor.
+#[derive(Debug, Clone)]
+pub struct UpgradeConfig {
+    /// The Unix socket a running adapter listens on for its successor.
+    pub socket: PathBuf,
+    /// Exit, instead of starting fresh, when no adapter hands over.
+    pub required: bool,
+    /// The bound on a takeover: on the running adapter's answer, and on
+    /// how long events wait for the sessions they belong to.
+    pub timeout: Duration,
 }
 
 /// The presence and history service: EMQX's ExHook calls in, a store.
@@ -92,6 +114,8 @@ impl Default for AdapterConfig {
             emqx_tls: EmqxTlsFiles::default(),
             presence: None,
             state_dir: None,
+            metrics: None,
+            upgrade: None,
         }
     }
 }
@@ -107,6 +131,14 @@ pub struct RunningAdapter {
     /// Says NOT_SERVING once shutdown begins, so orchestrators stop routing.
     health: tonic_health::server::HealthReporter,
     presence: Option<Presence>,
+    /// Cancelled to stop every accept loop (handler, hook, HTTP) at once.
+    accepting: CancellationToken,
+    /// Duplicates of the listening sockets, for a successor.
+    offered: Offered,
+    /// Where a successor asks to take over; `None` without `--upgrade-socket`.
+    upgrade: Option<UnixListener>,
+    /// Receiving the predecessor's sessions, when this process took over.
+    takeover: Option<JoinHandle<()>>,
 }
 
 /// The running presence and history service.
@@ -116,20 +148,18 @@ struct Presence {
 }
 
 impl Presence {
-    /// Opens the store and serves the hook server on `listener`, or on
-    /// `config.exhook_listen` when the caller bound none.
-    async fn start(config: &PresenceConfig, listener: Option<TcpListener>) -> anyhow::Result<Self> {
+    /// Opens the store and serves the hook server on `listener` until
+    /// `accepting` is cancelled.
+    async fn start(
+        config: &PresenceConfig,
+        listener: TcpListener,
+        accepting: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let store = store::open(config.store.expose())
             .await
             .with_context(|| format!("cannot open the store {}", config.store))?;
-        let listener = match listener {
-            Some(l) => l,
-            None => TcpListener::bind(config.exhook_listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.exhook_listen))?,
-        };
         let mut hooks = Hooks::start(store.clone(), &config.hooks);
-        hooks.serve(listener)?;
+        hooks.serve_until(listener, accepting)?;
         tracing::info!(
             store = %config.store,
             backend = store.backend(),
@@ -184,18 +214,118 @@ impl RunningAdapter {
     }
 
     /// Runs until `signal` resolves, then shuts down as
-    /// [`shutdown`](Self::shutdown) does; returns early if the server
-    /// stops by itself (it only does on error).
+    /// [`shutdown`](Self::shutdown) does; or until a successor has taken
+    /// over (with `--upgrade-socket`); returns early if the server stops
+    /// by itself (it only does on error).
     ///
     /// # Errors
     /// When the server failed.
     pub async fn wait(&mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let served = tokio::select! {
-            r = &mut self.task => r.context("adapter server task").and_then(|r| Ok(r?)),
-            () = signal => self.stop_gracefully().await,
+        tokio::pin!(signal);
+        let mut upgrade = self.upgrade.take();
+        let served = loop {
+            let successor = async {
+                match &upgrade {
+                    Some(l) => upgrade::accept(l).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut self.task => break r.context("adapter server task").and_then(|r| Ok(r?)),
+                () = &mut signal => break self.stop_gracefully().await,
+                s = successor => match s {
+                    Ok(Some(successor)) => {
+                        let l = upgrade.as_ref().expect("accepted on it");
+                        match self.hand_over(successor, l).await {
+                            Ok(true) => break Ok(()),
+                            Ok(false) => continue,
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the upgrade socket failed; no takeover is possible until restart");
+                        upgrade = None;
+                    }
+                },
+            }
         };
         self.stop_presence().await?;
         served
+    }
+
+    /// Resolves once this adapter serves every session it will get: at
+    /// once, or when it took over, once the predecessor's sessions have
+    /// all arrived (or the takeover's time is up).
+    pub async fn ready(&mut self) {
+        if let Some(t) = self.takeover.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Hands everything to `successor`: the listening sockets first (after
+    /// a failure there this adapter goes on as before: `Ok(false)`), then
+    /// it stops taking calls, finishes what is in flight, and sends every
+    /// session. `Ok(true)`: handed over, this process may exit.
+    async fn hand_over(
+        &mut self,
+        mut successor: upgrade::Successor,
+        upgrade: &UnixListener,
+    ) -> anyhow::Result<bool> {
+        let started = tokio::time::Instant::now();
+        let mut offered = std::mem::take(&mut self.offered);
+        offered.add(Role::Upgrade, upgrade.as_fd())?;
+        if let Err(e) = successor.offer(&offered).await {
+            tracing::warn!(error = %e, "a successor went away before it took the sockets; this adapter goes on");
+            self.offered = offered;
+            return Ok(false);
+        }
+        tracing::info!("a successor took the listening sockets; handing the sessions over");
+        // From here on the successor accepts; this process finishes what
+        // it has. EMQX's HTTP/2 connections get GOAWAY and reconnect to
+        // the same port, i.e. to the successor.
+        self.accepting.cancel();
+        self.driver.begin_handover();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(self.grace, &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.grace, "handler connections still open; closing them");
+            self.task.abort();
+        }
+        let left = self.grace.saturating_sub(started.elapsed());
+        if !self.driver.drain(left).await {
+            tracing::warn!(grace = ?self.grace, "work still in flight after the grace period; those sessions are not handed over");
+        }
+        if let Some(journal) = self.driver.journal() {
+            // The successor opens the journal after BEGIN; nothing is
+            // written here after this.
+            journal.flush().await;
+        }
+        let snap = self.driver.snapshot();
+        let drained = started.elapsed();
+        let bytes = successor
+            .send_sessions(&snap.sessions)
+            .await
+            .context("sending the sessions to the successor")?;
+        successor
+            .wait_done()
+            .await
+            .context("waiting for the successor to confirm")?;
+        tracing::info!(
+            sessions = snap.sessions.len(),
+            bytes,
+            busy = snap.busy,
+            unsaved = snap.unsaved,
+            waiting_for_created = snap.orphans,
+            drained = ?drained,
+            took = ?started.elapsed(),
+            "handed over to the successor; exiting"
+        );
+        Ok(true)
     }
 
     async fn stop_presence(&mut self) -> anyhow::Result<()> {
@@ -361,16 +491,65 @@ impl ServerBuilder {
                 tonic_health::pb::health_server::SERVICE_NAME,
             ],
         )?;
+        // Takeover comes before anything is bound: a running adapter
+        // passes its listening sockets.
+        let mut inherited: Option<Box<Inherited>> = None;
+        let mut upgrade_listener: Option<UnixListener> = None;
+        if let Some(u) = &config.upgrade {
+            match upgrade::start(&u.socket, u.timeout).await {
+                Ok(upgrade::Start::Fresh(l)) => {
+                    if u.required {
+                        anyhow::bail!(
+                            "no running adapter holds {} to take over from (--upgrade-required)",
+                            u.socket.display()
+                        );
+                    }
+                    tracing::info!(socket = %u.socket.display(), "no adapter to take over from; starting fresh, a successor can take over through this socket");
+                    upgrade_listener = Some(l);
+                }
+                Ok(upgrade::Start::Successor(i)) => {
+                    tracing::info!(socket = %u.socket.display(), format = i.link.format(), "taking over from the running adapter");
+                    inherited = Some(i);
+                }
+                Err(e) if u.required => {
+                    return Err(e).context("cannot take over (--upgrade-required)")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take over; starting fresh");
+                }
+            }
+        }
+        let mut from = inherited.as_deref_mut();
         let listener = match handler_listener {
             Some(l) => l,
-            None => TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.listen))?,
+            None => {
+                bind_or_inherit(
+                    from.as_mut().and_then(|i| i.handler.take()),
+                    config.listen,
+                    "handler",
+                )
+                .await?
+            }
         };
         let addr = listener.local_addr()?;
+        let accepting = CancellationToken::new();
+        let mut offered = Offered::default();
+        offered.add(Role::Handler, listener.as_fd())?;
         let (presence, reader) = match &config.presence {
             Some(c) => {
-                let p = Presence::start(c, hook_listener).await?;
+                let hook_listener = match hook_listener {
+                    Some(l) => l,
+                    None => {
+                        bind_or_inherit(
+                            from.as_mut().and_then(|i| i.hook.take()),
+                            c.exhook_listen,
+                            "ExHook",
+                        )
+                        .await?
+                    }
+                };
+                offered.add(Role::Hook, hook_listener.as_fd())?;
+                let p = Presence::start(c, hook_listener, accepting.clone()).await?;
                 let reader = StoreReader {
                     store: p.store.clone(),
                     timeout: c.read_timeout,
@@ -379,23 +558,30 @@ impl ServerBuilder {
             }
             None => (None, None),
         };
+        if let Some(at) = config.metrics {
+            let l =
+                bind_or_inherit(from.as_mut().and_then(|i| i.http.take()), at, "metrics").await?;
+            offered.add(Role::Http, l.as_fd())?;
+            crate::telemetry::install_prometheus(l, accepting.clone())?;
+        }
+        if let Some(i) = from.as_mut() {
+            if let Some(u) = i.upgrade.take() {
+                u.set_nonblocking(true)?;
+                upgrade_listener = Some(UnixListener::from_std(u)?);
+            }
+        }
         let driver_config = DriverConfig {
             clientid_policy: config.protocol.clientid_policy,
             ..config.driver.clone()
         };
-        let (journal, saved) = match &config.state_dir {
-            Some(dir) => {
-                let dir = dir.clone();
-                let opened =
-                    tokio::task::spawn_blocking(move || Journal::open(&dir).map_err(|e| (dir, e)))
-                        .await
-                        .context("journal task")?;
-                let (journal, saved) = opened.map_err(|(dir, e)| {
-                    anyhow::anyhow!("cannot use the state directory {}: {e}", dir.display())
-                })?;
+        // A successor opens the journal only once its predecessor has
+        // flushed it (see `receive_sessions`).
+        let (journal, saved) = match (&config.state_dir, &inherited) {
+            (Some(dir), None) => {
+                let (journal, saved) = open_journal(dir.clone()).await?;
                 (Some(journal), saved)
             }
-            None => (None, Default::default()),
+            _ => (None, Default::default()),
         };
         let driver = Driver::start(protocol, emqx, driver_config, reader, journal);
         if driver.journal().is_some() {
@@ -407,6 +593,18 @@ impl ServerBuilder {
                 "sessions restored from the state directory"
             );
         }
+        let takeover = match (inherited, &config.upgrade) {
+            (Some(i), Some(u)) => {
+                driver.expect_handoff(u.timeout);
+                let driver = driver.clone();
+                let state_dir = config.state_dir.clone();
+                let within = u.timeout;
+                Some(tokio::spawn(async move {
+                    receive_sessions(driver, i.link, state_dir, within).await;
+                }))
+            }
+            _ => None,
+        };
         {
             let health = health.clone();
             tokio::spawn(async move {
@@ -436,7 +634,9 @@ impl ServerBuilder {
         let (stop, stopped) = oneshot::channel::<()>();
         // tonic does not apply its own tcp_nodelay to an incoming stream we
         // hand it; Nagle would add tens of ms to every small reply.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .take_until(accepting.clone().cancelled_owned());
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         }));
@@ -449,7 +649,112 @@ impl ServerBuilder {
             grace: config.shutdown_grace,
             health,
             presence,
+            accepting,
+            offered,
+            upgrade: upgrade_listener,
+            takeover,
         })
+    }
+}
+
+/// The inherited listener when it is the one `wanted` names (or `wanted`
+/// asks for any port), else a new one bound at `wanted`.
+async fn bind_or_inherit(
+    inherited: Option<std::net::TcpListener>,
+    wanted: SocketAddr,
+    what: &str,
+) -> anyhow::Result<TcpListener> {
+    if let Some(l) = inherited {
+        let have = l.local_addr()?;
+        if have == wanted || (wanted.port() == 0 && have.ip() == wanted.ip()) {
+            l.set_nonblocking(true)?;
+            return Ok(TcpListener::from_std(l)?);
+        }
+        tracing::warn!(%have, %wanted, "the predecessor's {what} listener is not the one configured; binding the configured one");
+    }
+    TcpListener::bind(wanted)
+        .await
+        .with_context(|| format!("cannot listen on {wanted} ({what})"))
+}
+
+async fn open_journal(dir: PathBuf) -> anyhow::Result<(Journal, crate::journal::Saved)> {
+    let opened = tokio::task::spawn_blocking(move || Journal::open(&dir).map_err(|e| (dir, e)))
+        .await
+        .context("journal task")?;
+    opened.map_err(|(dir, e)| {
+        anyhow::anyhow!("cannot use the state directory {}: {e}", dir.display())
+    })
+}
+
+/// The successor's side of a takeover: adopts each session as it arrives
+/// (events that wait for it follow), within `within`; then no event waits
+/// for a handoff any more.
+async fn receive_sessions(
+    driver: Arc<Driver>,
+    mut link: Link,
+    state_dir: Option<PathBuf>,
+    within: Duration,
+) {
+    let started = tokio::time::Instant::now();
+    let mut adopted = 0u64;
+    let mut waited = 0usize;
+    let mut refused = 0u64;
+    let received = tokio::time::timeout(within, async {
+        loop {
+            match link.next().await? {
+                upgrade::Frame::Begin => {
+                    if let Some(dir) = &state_dir {
+                        match open_journal(dir.clone()).await {
+                            // What the journal holds is what just came, older.
+                            Ok((journal, _older)) => {
+                                driver.set_journal(journal);
+                            }
+                            Err(e) => tracing::error!(error = %e, "sessions are not journaled"),
+                        }
+                    }
+                }
+                upgrade::Frame::Session(conn, state) => match driver.adopt(&conn, &state) {
+                    crate::session::Adopted::Yes(n) => {
+                        adopted += 1;
+                        waited += n;
+                    }
+                    _ => refused += 1,
+                },
+                upgrade::Frame::End(sent) => {
+                    if sent != adopted + refused {
+                        tracing::warn!(
+                            sent,
+                            got = adopted + refused,
+                            "the predecessor's count differs"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        // systemd must know the new main PID before the old one exits,
+        // which it does once told DONE.
+        upgrade::notify_systemd(&[]);
+        link.done().await
+    })
+    .await;
+    driver.end_handoff();
+    match received {
+        Ok(Ok(())) => tracing::info!(
+            sessions = adopted,
+            refused,
+            events_waited = waited,
+            took = ?started.elapsed(),
+            "took over every session"
+        ),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, sessions = adopted, "the takeover broke off; the sessions not received are lost")
+        }
+        Err(_) => tracing::error!(
+            ?within,
+            sessions = adopted,
+            "the takeover took too long; the sessions not received are lost"
+        ),
     }
 }
 

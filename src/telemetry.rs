@@ -33,11 +33,15 @@ pub const PARSE_ERRORS: &str = "exproto_parse_errors_total";
 pub const HOOK_RECORDS: &str = "exproto_hook_records_total";
 
 /// Makes a Prometheus recorder the process's metrics recorder and serves
-/// its text on `listener` at `GET /metrics`.
+/// its text on `listener` at `GET /metrics`, until `accepting` is
+/// cancelled (then open requests finish).
 ///
 /// # Errors
 /// When a recorder is already installed.
-pub fn install_prometheus(listener: TcpListener) -> anyhow::Result<()> {
+pub fn install_prometheus(
+    listener: TcpListener,
+    accepting: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(EMQX_CALL_SECONDS.into()),
@@ -57,7 +61,9 @@ pub fn install_prometheus(listener: TcpListener) -> anyhow::Result<()> {
     // axum's accept loop waits after an error such as EMFILE instead of
     // retrying at once.
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let serving =
+            axum::serve(listener, app).with_graceful_shutdown(accepting.cancelled_owned());
+        if let Err(e) = serving.await {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }
     });

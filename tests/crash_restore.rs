@@ -2,76 +2,33 @@
 //! from `--state-dir`: the real binary, real sockets, the dev gateway
 //! standing in for EMQX (which keeps the clients' sockets meanwhile).
 
+#[path = "support/adapter_bin.rs"]
+mod adapter_bin;
 #[path = "support/line_client.rs"]
 mod line_client;
 
-use std::net::SocketAddr;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
+use adapter_bin::{handler_port, sigkill};
 use exproto_adapter::dev_gateway::{DevGateway, EmqxCompat, GatewayConfig};
-use line_client::{Client, WAIT};
-use tokio::process::{Child, Command};
+use line_client::Client;
+use tokio::process::Child;
 
 const HELLO: &str = "HELLO chat/1 :welcome; CONNECT <clientid> [username] [password]";
 
-/// A port for the adapter's handler: the dev gateway must be told it before
-/// the adapter exists, and every adapter started after a kill binds it
-/// again. Bound on 0 and read back, then given up for the adapter.
-fn handler_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn state_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "exproto-crash-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    adapter_bin::temp_path("crash")
 }
 
 /// `serve` on `port`, calling the gateway, with or without a state dir;
 /// returns once the handler port takes connections.
 async fn adapter(port: u16, gw: &DevGateway, state: Option<&Path>) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exproto-adapter"));
-    cmd.arg("serve")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--emqx", &format!("http://{}", gw.adapter_addr())])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
-    // The test's own environment must not configure the adapter.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("EXPROTO_") {
-            cmd.env_remove(k);
-        }
-    }
-    if let Some(dir) = state {
-        cmd.arg("--state-dir").arg(dir);
-    }
-    let child = cmd.spawn().expect("the adapter binary starts");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the adapter did not listen on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child
-}
-
-async fn sigkill(mut child: Child) {
-    child.kill().await.expect("SIGKILL");
+    let extra: Vec<OsString> = match state {
+        Some(dir) => vec!["--state-dir".into(), dir.into()],
+        None => Vec::new(),
+    };
+    adapter_bin::start(port, gw, &extra).await
 }
 
 #[tokio::test]
@@ -84,7 +41,8 @@ async fn sessions_survive_a_sigkill_and_a_restart() {
     let first = adapter(port, &gw, Some(&dir)).await;
 
     let mut clients = Vec::new();
-    for i in 0..20 {
+    // As many idle clients as the takeover test has.
+    for i in 0..200 {
         let mut c = Client::connect(gw.client_addr()).await;
         assert_eq!(c.line().await, HELLO);
         assert_eq!(

@@ -35,7 +35,7 @@ async fn channel(s: &Stack) -> tonic::transport::Channel {
 async fn metrics_count_what_clients_do() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    exproto_adapter::telemetry::install_prometheus(listener).unwrap();
+    exproto_adapter::telemetry::install_prometheus(listener, Default::default()).unwrap();
 
     // With presence on, so the hook server's records are counted too.
     let s = Stack::presence("sqlite::memory:").await;

@@ -125,6 +125,21 @@ impl Hooks {
     /// When the listener's address cannot be read, or the crate's own
     /// descriptors cannot be decoded for reflection.
     pub fn serve(&mut self, listener: TcpListener) -> anyhow::Result<SocketAddr> {
+        self.serve_until(listener, tokio_util::sync::CancellationToken::new())
+    }
+
+    /// [`serve`](Self::serve), but stops accepting connections once
+    /// `accepting` is cancelled (the connections it has stay served):
+    /// another process took the listening socket.
+    ///
+    /// # Errors
+    /// When the reflection descriptors do not decode, or the listener has
+    /// no address.
+    pub fn serve_until(
+        &mut self,
+        listener: TcpListener,
+        accepting: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<SocketAddr> {
         let addr = listener.local_addr()?;
         let (reflection_v1, reflection_v1alpha) = crate::reflection::services(
             &["emqx.exhook.v2", "emqx.exhook.v3"],
@@ -136,7 +151,10 @@ impl Hooks {
         )?;
         let (stop, stopped) = oneshot::channel::<()>();
         // Hook answers are tiny; Nagle would hold each one back.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = futures::StreamExt::take_until(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            accepting.cancelled_owned(),
+        );
         let router = tonic::transport::Server::builder()
             .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
             .add_service(reflection_v1)

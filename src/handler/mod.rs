@@ -137,8 +137,16 @@ async fn streaming<R>(
 ) -> Result<Response<EmptySuccess>, Status> {
     let mut stream = req.into_inner();
     // Each request is handled as it arrives; EMQX keeps the stream open for
-    // the life of its connection process.
-    while let Some(r) = stream.message().await? {
+    // the life of its connection process. A handover ends it: EMQX opens
+    // the next one at the successor. What EMQX wrote that was not read
+    // by then is lost (README: streaming mode and takeovers).
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = driver.handover_begun() => break,
+            r = stream.message() => r?,
+        };
+        let Some(r) = next else { break };
         handle(driver, conv(r), true).await?;
     }
     Ok(Response::new(EmptySuccess {}))

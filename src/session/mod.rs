@@ -20,14 +20,16 @@
 mod admission;
 mod budget;
 mod calls;
+mod handoff;
 mod queries;
 mod wakeups;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
@@ -39,6 +41,7 @@ use crate::telemetry;
 use admission::Admission;
 use budget::EventBudget;
 use calls::Calls;
+pub use handoff::{Adopted, Snapshot};
 pub use queries::StoreReader;
 use wakeups::Wakeups;
 
@@ -108,8 +111,10 @@ pub struct Driver {
     config: DriverConfig,
     /// `None` when presence and history are not enabled.
     store: Option<StoreReader>,
-    /// Where sessions are kept across a crash (`--state-dir`); `None`: not.
-    journal: Option<Journal>,
+    /// Where sessions are kept across a crash (`--state-dir`); unset: not.
+    /// Set once, possibly after serving began: a successor opens the
+    /// journal only once its predecessor has stopped writing it.
+    journal: OnceLock<Journal>,
     admission: Admission,
     budget: EventBudget,
     /// Set once shutdown begins: new sockets are refused from then on.
@@ -117,6 +122,11 @@ pub struct Driver {
     /// Work in progress (workers, handler calls, notice tasks), so a
     /// shutdown knows when it may stop.
     tasks: TaskTracker,
+    /// Cancelled when this process hands its sessions to a successor.
+    handing_over: CancellationToken,
+    /// While sessions are on their way from a predecessor: until when (on
+    /// the driver's clock) events for unknown conns wait for them; 0: not.
+    handoff_until: AtomicU64,
 }
 
 impl Driver {
@@ -170,9 +180,11 @@ impl Driver {
                 budget: EventBudget::new(config.max_pending_events),
                 shutting_down: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
+                handing_over: CancellationToken::new(),
+                handoff_until: AtomicU64::new(0),
                 config,
                 store,
-                journal,
+                journal: journal.map(OnceLock::from).unwrap_or_default(),
             }
         });
         let weak = Arc::downgrade(&driver);
@@ -215,38 +227,28 @@ impl Driver {
     pub fn restore(self: &Arc<Self>, saved: crate::journal::Saved) -> usize {
         let mut restored = 0;
         for (conn, state) in saved {
-            let connection = match Connection::restore(self.protocol.as_ref(), &state) {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(%conn, error = %e, "cannot restore a saved session");
-                    if let Some(j) = &self.journal {
+            match self.adopt(&conn, &state) {
+                Adopted::Yes(_) => restored += 1,
+                Adopted::Unreadable => {
+                    if let Some(j) = self.journal() {
                         j.remove(conn.as_str().into());
                     }
-                    continue;
                 }
-            };
-            if !self.admission.admit() {
-                warn!(%conn, "session limit reached while restoring");
-                continue;
+                Adopted::Full | Adopted::Duplicate => {}
             }
-            let conn: Arc<str> = conn.into();
-            let entry = Arc::new(Entry::new(conn.clone(), connection, self.registry.now_ms()));
-            {
-                let inner = entry.lock();
-                if let Some(c) = &inner.connection {
-                    self.arm(&entry, c);
-                }
-            }
-            self.registry.sessions.insert(conn, entry);
-            telemetry::connections(1.0);
-            restored += 1;
         }
         restored
     }
 
     /// The journal, when sessions are kept across a crash.
     pub fn journal(&self) -> Option<&Journal> {
-        self.journal.as_ref()
+        self.journal.get()
+    }
+
+    /// Journals sessions from now on (a successor, once its predecessor
+    /// has flushed the journal). `false` when one was already set.
+    pub fn set_journal(&self, journal: Journal) -> bool {
+        self.journal.set(journal).is_ok()
     }
 
     /// Whether [`begin_shutdown`](Self::begin_shutdown) was called.
@@ -288,6 +290,8 @@ impl Driver {
                     self.enqueue(&e, Item::Event(event));
                     Some(e)
                 }
+                // Its session may be on its way from the predecessor.
+                None if self.awaiting_handoff().is_some() => self.hold(conn, event),
                 None => {
                     // A close for a conn never created just drops what was
                     // held for it; a timer for an unknown conn is ignored.
@@ -302,7 +306,7 @@ impl Driver {
                     self.enqueue(&e, Item::Event(event));
                     Some(e)
                 }
-                None if may_reorder => self.hold(conn, event),
+                None if may_reorder || self.awaiting_handoff().is_some() => self.hold(conn, event),
                 None => {
                     self.lost(conn.into());
                     None
@@ -402,15 +406,17 @@ impl Driver {
             return Some(e);
         }
         let mut first = false;
+        // Waiting for a predecessor's handoff lasts as long as that may.
+        let now = self.registry.now_ms();
+        let expires_ms = self
+            .awaiting_handoff()
+            .unwrap_or_else(|| now.saturating_add(millis(self.config.created_wait)));
         let mut slot = slot.or_insert_with(|| {
             first = true;
             Orphan {
                 events: Vec::new(),
                 bytes: 0,
-                expires_ms: self
-                    .registry
-                    .now_ms()
-                    .saturating_add(millis(self.config.created_wait)),
+                expires_ms,
             }
         });
         let orphan: &mut Orphan = &mut slot;
@@ -425,7 +431,8 @@ impl Driver {
             self.registry.orphans.remove(&conn);
             self.lost(conn);
         } else if first {
-            self.wakeups.set(&conn, Some(self.config.created_wait));
+            let wait = self.registry.clock().until(expires_ms);
+            self.wakeups.set(&conn, Some(wait));
         }
         None
     }
@@ -435,6 +442,10 @@ impl Driver {
     /// by each one's own deadline, never by the wake-up: a wake-up meant
     /// for the wait that comes after the session was created does nothing.
     pub(crate) fn on_wake(self: &Arc<Self>, conn: Arc<str>) {
+        // Deadlines are part of what is handed over; the successor keeps them.
+        if self.is_handing_over() {
+            return;
+        }
         if let Some(e) = self.registry.get(&conn) {
             e.woken();
             self.enqueue(&e, Item::Timeout);
@@ -466,6 +477,9 @@ impl Driver {
 
     /// Probes the sessions that have been silent for `idle_probe`.
     fn sweep(self: &Arc<Self>) {
+        if self.is_handing_over() {
+            return;
+        }
         let now = self.registry.now_ms();
         let idle = millis(self.config.idle_probe);
         let stale: Vec<Arc<Entry>> = self

@@ -68,7 +68,7 @@ impl Driver {
             };
             entry.drained().notify_waiters();
             let flow = self.process(&entry, &mut connection, item).await;
-            if let (Some(journal), Flow::Continue) = (&self.journal, &flow) {
+            if let (Some(journal), Flow::Continue) = (self.journal(), &flow) {
                 // On disk before the reply that tells the client leaves.
                 let now = connection.generation();
                 if now != kept {
@@ -104,7 +104,7 @@ impl Driver {
             self.wakeups.set(&entry.conn, None);
         }
         if self.registry.remove(entry) {
-            if let Some(journal) = &self.journal {
+            if let Some(journal) = self.journal() {
                 journal.remove(entry.conn.clone());
             }
             self.admission.leave();
