@@ -8,7 +8,7 @@ use anyhow::Context;
 use exproto_adapter::config::{parse_clientid_policy, parse_seconds, parse_store, ServeArgs};
 use exproto_adapter::dev_gateway::{DevGateway, GatewayArgs};
 use exproto_adapter::protocol::ClientidPolicy;
-use exproto_adapter::server::{RunningAdapter, Server};
+use exproto_adapter::server::{Ended, RunningAdapter, Server};
 use exproto_adapter::store::StoreUrl;
 use exproto_adapter::{config_file, telemetry};
 
@@ -325,7 +325,12 @@ async fn run_until_signalled(
     tokio::pin!(running);
     loop {
         tokio::select! {
-            r = &mut running => return r,
+            r = &mut running => match r? {
+                Ended::Stopped => return Ok(()),
+                // EMQX's connections to this process close as it exits,
+                // which must be now: EMQX is quiet on them at this moment.
+                Ended::HandedOver => std::process::exit(0),
+            },
             () = hangup(&mut hup) => match &successor {
                 Some(s) => s.spawn(),
                 None => tracing::warn!("SIGHUP ignored: a takeover needs --upgrade-socket"),

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -96,6 +95,11 @@ pub struct PresenceConfig {
     pub read_timeout: Duration,
 }
 
+/// How long EMQX must have sent nothing before a handover closes its
+/// connections to the old process: a gap its calls rarely cross, and
+/// short beside the pauses of real traffic.
+const QUIET: Duration = Duration::from_millis(50);
+
 /// How long shutdown lets the hook writer empty its queue.
 const HOOK_DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -120,6 +124,15 @@ impl Default for AdapterConfig {
     }
 }
 
+/// How [`RunningAdapter::wait`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped on the signal, or by an error of its own.
+    Stopped,
+    /// A successor took over; exit the process now.
+    HandedOver,
+}
+
 /// A running adapter. Dropping it does not stop it; call [`Self::shutdown`].
 pub struct RunningAdapter {
     addr: SocketAddr,
@@ -137,8 +150,11 @@ pub struct RunningAdapter {
     offered: Offered,
     /// Where a successor asks to take over; `None` without `--upgrade-socket`.
     upgrade: Option<UnixListener>,
-    /// Receiving the predecessor's sessions, when this process took over.
-    takeover: Option<JoinHandle<()>>,
+    /// Fires once the predecessor's sessions are here, when this process
+    /// took over.
+    takeover: Option<oneshot::Receiver<()>>,
+    /// How long a handover waits for EMQX to go quiet here.
+    upgrade_timeout: Duration,
 }
 
 /// The running presence and history service.
@@ -218,9 +234,12 @@ impl RunningAdapter {
     /// over (with `--upgrade-socket`); returns early if the server stops
     /// by itself (it only does on error).
     ///
+    /// After [`Ended::HandedOver`] the process must exit at once: EMQX's
+    /// connections to it close when it does (see `hand_over`).
+    ///
     /// # Errors
     /// When the server failed.
-    pub async fn wait(&mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn wait(&mut self, signal: impl Future<Output = ()>) -> anyhow::Result<Ended> {
         tokio::pin!(signal);
         let mut upgrade = self.upgrade.take();
         let served = loop {
@@ -231,13 +250,13 @@ impl RunningAdapter {
                 }
             };
             tokio::select! {
-                r = &mut self.task => break r.context("adapter server task").and_then(|r| Ok(r?)),
-                () = &mut signal => break self.stop_gracefully().await,
+                r = &mut self.task => break r.context("adapter server task").and_then(|r| Ok(r?)).map(|()| Ended::Stopped),
+                () = &mut signal => break self.stop_gracefully().await.map(|()| Ended::Stopped),
                 s = successor => match s {
                     Ok(Some(successor)) => {
                         let l = upgrade.as_ref().expect("accepted on it");
                         match self.hand_over(successor, l).await {
-                            Ok(true) => break Ok(()),
+                            Ok(true) => break Ok(Ended::HandedOver),
                             Ok(false) => continue,
                             Err(e) => break Err(e),
                         }
@@ -264,12 +283,13 @@ impl RunningAdapter {
     }
 
     /// Hands everything to `successor`: the listening sockets first (after
-    /// a failure there this adapter goes on as before: `Ok(false)`), then
-    /// it stops taking calls, finishes what is in flight, and sends every
-    /// session. `Ok(true)`: handed over, this process may exit.
+    /// a failure there this adapter goes on as before: `Ok(false)`); then
+    /// every handler request is relayed to it, this process finishes its
+    /// own work and sends every session, and waits for a moment when EMQX
+    /// is quiet. `Ok(true)`: handed over; the process must exit now.
     async fn hand_over(
         &mut self,
-        mut successor: upgrade::Successor,
+        successor: upgrade::Successor,
         upgrade: &UnixListener,
     ) -> anyhow::Result<bool> {
         let started = tokio::time::Instant::now();
@@ -281,23 +301,13 @@ impl RunningAdapter {
             return Ok(false);
         }
         tracing::info!("a successor took the listening sockets; handing the sessions over");
-        // From here on the successor accepts; this process finishes what
-        // it has. EMQX's HTTP/2 connections get GOAWAY and reconnect to
-        // the same port, i.e. to the successor.
+        // From here on the successor accepts new connections, and what EMQX
+        // still sends here goes to it, behind the sessions' state.
+        let (relay, done) = successor.into_relay();
+        self.driver.relay_to(relay.clone());
         self.accepting.cancel();
         self.driver.begin_handover();
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if tokio::time::timeout(self.grace, &mut self.task)
-            .await
-            .is_err()
-        {
-            tracing::warn!(grace = ?self.grace, "handler connections still open; closing them");
-            self.task.abort();
-        }
-        let left = self.grace.saturating_sub(started.elapsed());
-        if !self.driver.drain(left).await {
+        if !self.driver.drain(self.grace).await {
             tracing::warn!(grace = ?self.grace, "work still in flight after the grace period; those sessions are not handed over");
         }
         if let Some(journal) = self.driver.journal() {
@@ -306,25 +316,37 @@ impl RunningAdapter {
             journal.flush().await;
         }
         let snap = self.driver.snapshot();
-        let drained = started.elapsed();
-        let bytes = successor
-            .send_sessions(&snap.sessions)
+        let bytes = relay
+            .sessions(&snap.sessions)
             .await
             .context("sending the sessions to the successor")?;
-        successor
-            .wait_done()
+        relay
+            .sync()
             .await
-            .context("waiting for the successor to confirm")?;
+            .context("the successor did not take the sessions")?;
+        let handed = started.elapsed();
+        // The hook server's connections close now (GOAWAY) and its queue
+        // drains into the store, which the successor shares.
+        self.stop_presence().await?;
+        // EMQX's gRPC client fails a call in flight on a connection that
+        // goes away, and one it makes on a connection that is closing
+        // (GOAWAY), so its connections here are not closed gracefully but
+        // all at once, by the exit of this process, at a moment when EMQX
+        // has been quiet on them: its next call opens a new connection, to
+        // the successor. Until then this process relays, which costs little.
+        let quiet = self.driver.quiet(QUIET, self.upgrade_timeout).await;
         tracing::info!(
             sessions = snap.sessions.len(),
             bytes,
             busy = snap.busy,
             unsaved = snap.unsaved,
             waiting_for_created = snap.orphans,
-            drained = ?drained,
+            handed = ?handed,
+            quiet,
             took = ?started.elapsed(),
             "handed over to the successor; exiting"
         );
+        drop(done);
         Ok(true)
     }
 
@@ -599,9 +621,11 @@ impl ServerBuilder {
                 let driver = driver.clone();
                 let state_dir = config.state_dir.clone();
                 let within = u.timeout;
-                Some(tokio::spawn(async move {
-                    receive_sessions(driver, i.link, state_dir, within).await;
-                }))
+                let (took_over, taken) = oneshot::channel();
+                tokio::spawn(async move {
+                    receive_sessions(driver, i.link, state_dir, within, took_over).await;
+                });
+                Some(taken)
             }
             _ => None,
         };
@@ -634,9 +658,10 @@ impl ServerBuilder {
         let (stop, stopped) = oneshot::channel::<()>();
         // tonic does not apply its own tcp_nodelay to an incoming stream we
         // hand it; Nagle would add tens of ms to every small reply.
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .take_until(accepting.clone().cancelled_owned());
+        let incoming = crate::upgrade::accept_until(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            accepting.clone(),
+        );
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         }));
@@ -653,6 +678,10 @@ impl ServerBuilder {
             offered,
             upgrade: upgrade_listener,
             takeover,
+            upgrade_timeout: config
+                .upgrade
+                .as_ref()
+                .map_or(Duration::from_secs(15), |u| u.timeout),
         })
     }
 }
@@ -694,12 +723,15 @@ async fn receive_sessions(
     mut link: Link,
     state_dir: Option<PathBuf>,
     within: Duration,
+    took_over: oneshot::Sender<()>,
 ) {
     let started = tokio::time::Instant::now();
     let mut adopted = 0u64;
     let mut waited = 0usize;
     let mut refused = 0u64;
-    let received = tokio::time::timeout(within, async {
+    // Sessions, bounded by `within`; then the events the predecessor
+    // relays until EMQX has left it (bounded by its own grace).
+    let sessions = tokio::time::timeout(within, async {
         loop {
             match link.next().await? {
                 upgrade::Frame::Begin => {
@@ -728,18 +760,28 @@ async fn receive_sessions(
                             "the predecessor's count differs"
                         );
                     }
-                    break;
+                    return Ok(());
+                }
+                upgrade::Frame::Event { rpc, flags, body } => {
+                    relay_in(&driver, rpc, flags, &body).await;
+                    link.served().await?;
+                }
+                upgrade::Frame::Sync => link.served().await?,
+                upgrade::Frame::Close => {
+                    return Err(std::io::Error::other(
+                        "closed before every session was sent",
+                    ))
                 }
             }
         }
-        // systemd must know the new main PID before the old one exits,
-        // which it does once told DONE.
-        upgrade::notify_systemd(&[]);
-        link.done().await
     })
     .await;
     driver.end_handoff();
-    match received {
+    // systemd must know the new main PID before the old one exits, which
+    // it does once told DONE.
+    upgrade::notify_systemd(&[]);
+    let _ = took_over.send(());
+    match sessions {
         Ok(Ok(())) => tracing::info!(
             sessions = adopted,
             refused,
@@ -748,13 +790,50 @@ async fn receive_sessions(
             "took over every session"
         ),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, sessions = adopted, "the takeover broke off; the sessions not received are lost")
+            tracing::error!(error = %e, sessions = adopted, "the takeover broke off; the sessions not received are lost");
+            return;
         }
-        Err(_) => tracing::error!(
-            ?within,
-            sessions = adopted,
-            "the takeover took too long; the sessions not received are lost"
-        ),
+        Err(_) => {
+            tracing::error!(
+                ?within,
+                sessions = adopted,
+                "the takeover took too long; the sessions not received are lost"
+            );
+            return;
+        }
+    }
+    let mut relayed = 0u64;
+    // The predecessor exits without a word once EMQX has left it.
+    let left = async {
+        loop {
+            let frame = match link.next().await {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                other => other?,
+            };
+            match frame {
+                upgrade::Frame::Event { rpc, flags, body } => {
+                    relayed += 1;
+                    relay_in(&driver, rpc, flags, &body).await;
+                    link.served().await?;
+                }
+                upgrade::Frame::Sync => link.served().await?,
+                upgrade::Frame::Close => break,
+                other => tracing::warn!(frame = ?other, "unexpected frame from the predecessor"),
+            }
+        }
+        link.done().await
+    }
+    .await;
+    match left {
+        Ok(()) => tracing::info!(relayed, took = ?started.elapsed(), "the predecessor has left"),
+        Err(e) => tracing::warn!(error = %e, relayed, "the predecessor left without a word"),
+    }
+}
+
+/// Serves one event that the predecessor relayed.
+async fn relay_in(driver: &Arc<Driver>, rpc: u8, flags: u8, body: &[u8]) {
+    if let Err(e) = crate::handler::relayed(driver, rpc, flags, body).await {
+        tracing::warn!(error = %e, "a relayed event was dropped");
     }
 }
 

@@ -8,13 +8,18 @@
 //! |---|---|
 //! | successor | hello: `EXPU`, u16 lowest and u16 highest format it reads |
 //! | running | offer: `EXPU`, u16 format chosen (0: none in common), u8 count, 4 role bytes (0-padded); the listening sockets, in role order, as SCM_RIGHTS on the same message |
-//! | running | once its work has drained and its journal is flushed: frames of u32 length (of what follows), u8 kind, body: `BEGIN` (1, empty), `SESSION` (2: u16 conn length, conn, the state `Connection::save` wrote), `END` (3: u64 sessions sent) |
-//! | successor | `DONE`: it holds every session; the running adapter exits |
+//! | running | frames of u32 length (of what follows), u8 kind, body, from the offer on: `EVENT` (4: u8 RPC, u8 flags, the handler request as protobuf) for each event that reached the running adapter after the offer; once its work has drained and its journal is flushed `BEGIN` (1, empty), `SESSION` (2: u16 conn length, conn, the state `Connection::save` wrote) for each session, `END` (3: u64 sessions sent); more `EVENT`s; `CLOSE` (5, empty) once EMQX has left it |
+//! | successor | `A` for each `EVENT` once served (the running adapter answers EMQX only then, so EMQX's next event for that conn, which may go to the successor directly, comes after it); `DONE` after `CLOSE`: the running adapter exits |
 //!
 //! The sockets pass before anything stops, so the ports never stop
 //! accepting: a failure before the offer leaves the running adapter as it
-//! was. The session state keeps its own version (`Connection::save`), so
-//! a successor refuses one it cannot read per session, not wholesale.
+//! was. After the offer, the running adapter relays the events EMQX still
+//! sends it (on the HTTP/2 connections it already had) instead of serving
+//! them, and closes those connections only when no call is in flight on
+//! them: EMQX's gRPC client fails a call that a closing connection
+//! carries (README: upgrades). The session state keeps its own version
+//! (`Connection::save`), so a successor refuses one it cannot read per
+//! session, not wholesale.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -44,6 +49,13 @@ const MAX_FRAME: u32 = 16 << 20;
 const KIND_BEGIN: u8 = 1;
 const KIND_SESSION: u8 = 2;
 const KIND_END: u8 = 3;
+const KIND_EVENT: u8 = 4;
+const KIND_CLOSE: u8 = 5;
+const KIND_SYNC: u8 = 6;
+
+/// `EVENT` flag: the event came on a stream (streaming mode), where it may
+/// overtake its conn's `OnSocketCreated`.
+pub const MAY_REORDER: u8 = 1;
 
 /// Which listening socket a passed descriptor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +137,23 @@ pub enum UpgradeError {
     },
     #[error("no running adapter holds {0}")]
     NoneRunning(PathBuf),
+}
+
+/// `incoming` until `stop` is cancelled, then nothing ever again. It does
+/// not end: a server whose incoming connections end stops serving the
+/// ones it has (tonic drops them), while this one keeps them until told
+/// to shut down.
+pub fn accept_until<S>(
+    incoming: S,
+    stop: tokio_util::sync::CancellationToken,
+) -> impl futures::Stream<Item = S::Item>
+where
+    S: futures::Stream,
+{
+    use futures::StreamExt;
+    incoming
+        .take_until(stop.cancelled_owned())
+        .chain(futures::stream::pending())
 }
 
 /// Tells systemd (`Type=notify`) about this process, when it runs under
@@ -328,6 +357,17 @@ pub enum Frame {
     Session(String, Vec<u8>),
     /// Every session was sent; this many.
     End(u64),
+    /// A handler request that reached the running adapter after the
+    /// offer: `rpc` says which (see the handler), `body` is its protobuf.
+    Event {
+        rpc: u8,
+        flags: u8,
+        body: Vec<u8>,
+    },
+    /// Nothing more comes.
+    Close,
+    /// Answer with [`Link::served`] once read.
+    Sync,
 }
 
 impl Link {
@@ -366,11 +406,29 @@ impl Link {
                 let n: [u8; 8] = body.try_into().map_err(|_| bad("bad end frame"))?;
                 Ok(Frame::End(u64::from_be_bytes(n)))
             }
+            KIND_EVENT => match body {
+                [rpc, flags, rest @ ..] => Ok(Frame::Event {
+                    rpc: *rpc,
+                    flags: *flags,
+                    body: rest.to_vec(),
+                }),
+                _ => Err(bad("short event frame")),
+            },
+            KIND_CLOSE => Ok(Frame::Close),
+            KIND_SYNC => Ok(Frame::Sync),
             _ => Err(bad("unknown frame kind")),
         }
     }
 
-    /// Tells the running adapter that every session arrived.
+    /// Tells the running adapter that a relayed `EVENT` was served.
+    ///
+    /// # Errors
+    /// The stream broke.
+    pub async fn served(&mut self) -> std::io::Result<()> {
+        self.stream.get_mut().write_all(&[ACK]).await
+    }
+
+    /// Tells the running adapter that everything arrived.
     ///
     /// # Errors
     /// The stream broke.
@@ -450,40 +508,161 @@ impl Successor {
         send_with_fds(&self.stream, &offer, &fds).await
     }
 
+    /// From the offer on, frames go through a [`Relay`] (bounded, so a
+    /// slow successor slows the running adapter's answers to EMQX rather
+    /// than filling memory); the returned half reads the final `DONE`.
+    pub fn into_relay(self) -> (Relay, Done) {
+        let (read, write) = self.stream.into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(4096);
+        let waiting: Acks = Arc::default();
+        let acks = waiting.clone();
+        let writer = tokio::spawn(async move {
+            let mut w = BufWriter::with_capacity(1 << 16, write);
+            while let Some((f, ack)) = rx.recv().await {
+                let last = f.get(4) == Some(&KIND_CLOSE);
+                if let Some(ack) = ack {
+                    // Acks come back in the order frames go out.
+                    lock(&acks).push_back(ack);
+                }
+                w.write_all(&f).await?;
+                if last || rx.is_empty() {
+                    w.flush().await?;
+                }
+                if last {
+                    break;
+                }
+            }
+            w.flush().await
+        });
+        let reader = tokio::spawn(async move {
+            let mut r = BufReader::new(read);
+            loop {
+                match r.read_u8().await? {
+                    ACK => {
+                        if let Some(ack) = lock(&waiting).pop_front() {
+                            let _ = ack.send(());
+                        }
+                    }
+                    b'D' => {
+                        let mut one = [0u8; 3];
+                        r.read_exact(&mut one).await?;
+                        return if &one == b"ONE" {
+                            Ok(())
+                        } else {
+                            Err(bad("successor said something other than DONE"))
+                        };
+                    }
+                    _ => return Err(bad("successor said something other than DONE")),
+                }
+            }
+        });
+        (Relay { tx }, Done { reader, writer })
+    }
+}
+
+/// What the successor sends back for each `EVENT` once it is served.
+const ACK: u8 = b'A';
+
+type Outgoing = (Vec<u8>, Option<tokio::sync::oneshot::Sender<()>>);
+type Acks = Arc<std::sync::Mutex<std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The running adapter's way to its successor once the sockets passed.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    tx: tokio::sync::mpsc::Sender<Outgoing>,
+}
+
+impl Relay {
+    /// Relays a handler request (`rpc`, the handler's number for it) and
+    /// returns once the successor has served it, so that EMQX's next
+    /// event for that conn, which may reach the successor directly, comes
+    /// after it.
+    ///
+    /// # Errors
+    /// The successor went away.
+    pub async fn event(&self, rpc: u8, flags: u8, body: &[u8]) -> std::io::Result<()> {
+        let mut b = Vec::with_capacity(body.len() + 2);
+        b.push(rpc);
+        b.push(flags);
+        b.extend_from_slice(body);
+        let (ack, served) = tokio::sync::oneshot::channel();
+        self.send(frame(KIND_EVENT, &b), Some(ack)).await?;
+        served
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+
     /// Sends every session, framed, between `BEGIN` and `END`; returns the
     /// bytes sent.
     ///
     /// # Errors
     /// The successor went away.
-    pub async fn send_sessions(
-        &mut self,
-        sessions: &[(Arc<str>, Vec<u8>)],
-    ) -> std::io::Result<u64> {
-        let mut w = BufWriter::with_capacity(1 << 16, &mut self.stream);
+    pub async fn sessions(&self, sessions: &[(Arc<str>, Vec<u8>)]) -> std::io::Result<u64> {
         let mut sent = 0u64;
-        w.write_all(&frame(KIND_BEGIN, &[])).await?;
+        self.send(frame(KIND_BEGIN, &[]), None).await?;
         for (conn, state) in sessions {
             let f = session_frame(conn, state)?;
             sent += f.len() as u64;
-            w.write_all(&f).await?;
+            self.send(f, None).await?;
         }
         let count = sessions.len() as u64;
-        w.write_all(&frame(KIND_END, &count.to_be_bytes())).await?;
-        w.flush().await?;
+        self.send(frame(KIND_END, &count.to_be_bytes()), None)
+            .await?;
         Ok(sent)
     }
 
-    /// Waits for the successor's `DONE`.
+    /// Returns once the successor has read every frame sent before.
+    ///
+    /// # Errors
+    /// The successor went away.
+    pub async fn sync(&self) -> std::io::Result<()> {
+        let (ack, read) = tokio::sync::oneshot::channel();
+        self.send(frame(KIND_SYNC, &[]), Some(ack)).await?;
+        read.await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+
+    /// Says that nothing more comes.
+    ///
+    /// # Errors
+    /// The successor went away.
+    pub async fn close(&self) -> std::io::Result<()> {
+        self.send(frame(KIND_CLOSE, &[]), None).await
+    }
+
+    async fn send(
+        &self,
+        f: Vec<u8>,
+        ack: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> std::io::Result<()> {
+        self.tx
+            .send((f, ack))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
+
+/// Where the successor's `DONE` arrives.
+#[derive(Debug)]
+pub struct Done {
+    reader: tokio::task::JoinHandle<std::io::Result<()>>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Done {
+    /// Waits until every frame is written (after `close`) and the
+    /// successor said `DONE`.
     ///
     /// # Errors
     /// It went away or said something else.
-    pub async fn wait_done(&mut self) -> std::io::Result<()> {
-        let mut done = [0u8; 4];
-        self.stream.read_exact(&mut done).await?;
-        if &done != DONE {
-            return Err(bad("successor said something other than DONE"));
-        }
-        Ok(())
+    pub async fn wait(self) -> std::io::Result<()> {
+        let join = |e: tokio::task::JoinError| std::io::Error::other(e.to_string());
+        self.writer.await.map_err(join)??;
+        self.reader.await.map_err(join)?
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use exproto_adapter::config::ServeArgs;
-use exproto_adapter::server::Server;
+use exproto_adapter::server::{Ended, Server};
 
 /// An ExProto handler for a length-prefixed binary protocol.
 #[derive(Parser)]
@@ -43,9 +43,14 @@ async fn main() -> anyhow::Result<()> {
         .protocol(Arc::new(protocol::BinProto))
         .start()
         .await?;
-    adapter
+    let ended = adapter
         .wait(async {
             let _ = tokio::signal::ctrl_c().await;
         })
-        .await
+        .await?;
+    if ended == Ended::HandedOver {
+        // A successor took over (--upgrade-socket): leave at once.
+        std::process::exit(0);
+    }
+    Ok(())
 }

@@ -11,9 +11,10 @@
 //! or cut) fails with [`HandlerError::Unreachable`], told apart from an
 //! error status the handler answered, so that its connection process can
 //! wait for the handler as EMQX 5.1 does; the error then carries the event
-//! back. A call cut off after its request went out counts as unreachable
-//! too: the gateway cannot tell whether the handler saw it, and neither
-//! can EMQX. In stream mode a request is done once written, as in EMQX, so
+//! back, when the request never reached the handler (EMQX 5.1's gRPC
+//! client holds such a call and sends it once connected again). A call cut
+//! off after its request went out fails, as in EMQX (its gun client reports
+//! the stream down): the handler may have served it. In stream mode a request is done once written, as in EMQX, so
 //! only opening a stream can meet an unreachable handler: a new stream
 //! counts as open once the RPC takes its first request, and an RPC that
 //! ends before that gives the waiting request back. An open stream that
@@ -87,13 +88,14 @@ pub(crate) enum HandlerError {
 }
 
 impl HandlerError {
-    /// `Unreachable` for a status that the transport made, keeping `ev`;
-    /// `Status` for one the handler answered.
+    /// `Unreachable` for a status that the transport made, keeping `ev`
+    /// when the request never reached the handler; `Status` for one the
+    /// handler answered.
     fn from_status(status: tonic::Status, ev: Option<HandlerEvent>) -> Self {
         match unreachable_reason(&status) {
             Some(reason) => Self::Unreachable {
                 reason,
-                ev: ev.map(Box::new),
+                ev: ev.filter(|_| unsent(&status)).map(Box::new),
             },
             None => Self::Status(status),
         }
@@ -127,6 +129,39 @@ fn unreachable_reason(status: &tonic::Status) -> Option<&'static str> {
             None => return Some("closed"),
         }
     }
+}
+
+/// Whether a transport failure left the request unseen by the handler:
+/// no connection, a request the HTTP/2 client never sent (its connection
+/// closed first), or a stream the handler refused unprocessed (GOAWAY,
+/// REFUSED_STREAM). EMQX 5.1's client sends such a call once it has a
+/// connection again; one that failed after it went out fails there (its
+/// client is closed), since the handler may have served it.
+fn unsent(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotConnected
+            );
+        }
+        if c.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        // tonic's connect errors say so only in their text.
+        if c.to_string().contains("tcp connect error") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// A stream RPC that failed, reported to its connection process.

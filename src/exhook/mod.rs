@@ -151,9 +151,9 @@ impl Hooks {
         )?;
         let (stop, stopped) = oneshot::channel::<()>();
         // Hook answers are tiny; Nagle would hold each one back.
-        let incoming = futures::StreamExt::take_until(
+        let incoming = crate::upgrade::accept_until(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            accepting.cancelled_owned(),
+            accepting,
         );
         let router = tonic::transport::Server::builder()
             .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))

@@ -14,6 +14,7 @@ use crate::pb::{self, EmptySuccess};
 use crate::protocol::{ConnMeta, Event, Message, SockType, TimerKind};
 use crate::session::Driver;
 use crate::telemetry;
+use crate::upgrade;
 
 /// Serves `ConnectionUnaryHandler`: EMQX sends a conn's next event only
 /// after this one is answered, so order is EMQX's.
@@ -121,33 +122,85 @@ async fn handle(
     Ok(())
 }
 
-async fn unary<R>(
+/// The handler RPCs by number, as a handover relays them (`upgrade`).
+const CREATED: u8 = 1;
+const CLOSED: u8 = 2;
+const BYTES: u8 = 3;
+const TIMER: u8 = 4;
+const MESSAGES: u8 = 5;
+
+/// Serves one request here, or, once this process hands over, relays it
+/// to the successor (which serves it in order after the session's state).
+async fn serve_or_relay<R: prost::Message>(
+    driver: &Arc<Driver>,
+    r: R,
+    conv: fn(R) -> (String, Event),
+    rpc: u8,
+    may_reorder: bool,
+) -> Result<(), Status> {
+    if let Some(relay) = driver.relay() {
+        let flags = if may_reorder { upgrade::MAY_REORDER } else { 0 };
+        return relay
+            .event(rpc, flags, &r.encode_to_vec())
+            .await
+            .map_err(|_| Status::unavailable("handing over to a successor that went away"));
+    }
+    handle(driver, conv(r), may_reorder).await
+}
+
+/// Serves a request that the predecessor relayed (see `upgrade`), or
+/// relays it on when this process is itself handing over by now.
+///
+/// # Errors
+/// An RPC number this build does not know, or a body that does not decode.
+pub async fn relayed(driver: &Arc<Driver>, rpc: u8, flags: u8, body: &[u8]) -> anyhow::Result<()> {
+    async fn on<R: prost::Message + Default>(
+        driver: &Arc<Driver>,
+        body: &[u8],
+        conv: fn(R) -> (String, Event),
+        rpc: u8,
+        may_reorder: bool,
+    ) -> anyhow::Result<()> {
+        serve_or_relay(driver, R::decode(body)?, conv, rpc, may_reorder)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+    }
+    let may_reorder = flags & upgrade::MAY_REORDER != 0;
+    match rpc {
+        CREATED => on(driver, body, created, rpc, may_reorder).await,
+        CLOSED => on(driver, body, closed, rpc, may_reorder).await,
+        BYTES => on(driver, body, bytes, rpc, may_reorder).await,
+        TIMER => on(driver, body, timer, rpc, may_reorder).await,
+        MESSAGES => on(driver, body, messages, rpc, may_reorder).await,
+        other => anyhow::bail!("relayed RPC {other} unknown"),
+    }
+}
+
+async fn unary<R: prost::Message>(
     driver: &Arc<Driver>,
     req: Request<R>,
     conv: fn(R) -> (String, Event),
+    rpc: u8,
 ) -> Result<Response<EmptySuccess>, Status> {
-    handle(driver, conv(req.into_inner()), false).await?;
+    let _answering = driver.answering();
+    serve_or_relay(driver, req.into_inner(), conv, rpc, false).await?;
     Ok(Response::new(EmptySuccess {}))
 }
 
-async fn streaming<R>(
+async fn streaming<R: prost::Message>(
     driver: &Arc<Driver>,
     req: Request<Streaming<R>>,
     conv: fn(R) -> (String, Event),
+    rpc: u8,
 ) -> Result<Response<EmptySuccess>, Status> {
     let mut stream = req.into_inner();
     // Each request is handled as it arrives; EMQX keeps the stream open for
-    // the life of its connection process. A handover ends it: EMQX opens
-    // the next one at the successor. What EMQX wrote that was not read
-    // by then is lost (README: streaming mode and takeovers).
-    loop {
-        let next = tokio::select! {
-            biased;
-            () = driver.handover_begun() => break,
-            r = stream.message() => r?,
-        };
-        let Some(r) = next else { break };
-        handle(driver, conv(r), true).await?;
+    // the life of its connection process. After a handover it breaks when
+    // the old process exits, and EMQX opens the next one at the successor;
+    // what EMQX wrote that was not read by then is lost (README: upgrades).
+    while let Some(r) = stream.message().await? {
+        let _answering = driver.answering();
+        serve_or_relay(driver, r, conv, rpc, true).await?;
     }
     Ok(Response::new(EmptySuccess {}))
 }
@@ -159,31 +212,31 @@ impl ConnectionUnaryHandler for UnaryHandler {
         &self,
         req: Request<pb::SocketCreatedRequest>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        unary(&self.driver, req, created).await
+        unary(&self.driver, req, created, CREATED).await
     }
     async fn on_socket_closed(
         &self,
         req: Request<pb::SocketClosedRequest>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        unary(&self.driver, req, closed).await
+        unary(&self.driver, req, closed, CLOSED).await
     }
     async fn on_received_bytes(
         &self,
         req: Request<pb::ReceivedBytesRequest>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        unary(&self.driver, req, bytes).await
+        unary(&self.driver, req, bytes, BYTES).await
     }
     async fn on_timer_timeout(
         &self,
         req: Request<pb::TimerTimeoutRequest>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        unary(&self.driver, req, timer).await
+        unary(&self.driver, req, timer, TIMER).await
     }
     async fn on_received_messages(
         &self,
         req: Request<pb::ReceivedMessagesRequest>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        unary(&self.driver, req, messages).await
+        unary(&self.driver, req, messages, MESSAGES).await
     }
 }
 
@@ -193,30 +246,30 @@ impl ConnectionHandler for StreamHandler {
         &self,
         req: Request<Streaming<pb::SocketCreatedRequest>>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        streaming(&self.driver, req, created).await
+        streaming(&self.driver, req, created, CREATED).await
     }
     async fn on_socket_closed(
         &self,
         req: Request<Streaming<pb::SocketClosedRequest>>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        streaming(&self.driver, req, closed).await
+        streaming(&self.driver, req, closed, CLOSED).await
     }
     async fn on_received_bytes(
         &self,
         req: Request<Streaming<pb::ReceivedBytesRequest>>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        streaming(&self.driver, req, bytes).await
+        streaming(&self.driver, req, bytes, BYTES).await
     }
     async fn on_timer_timeout(
         &self,
         req: Request<Streaming<pb::TimerTimeoutRequest>>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        streaming(&self.driver, req, timer).await
+        streaming(&self.driver, req, timer, TIMER).await
     }
     async fn on_received_messages(
         &self,
         req: Request<Streaming<pb::ReceivedMessagesRequest>>,
     ) -> Result<Response<EmptySuccess>, Status> {
-        streaming(&self.driver, req, messages).await
+        streaming(&self.driver, req, messages, MESSAGES).await
     }
 }

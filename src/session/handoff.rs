@@ -23,6 +23,17 @@ use crate::protocol::{Connection, Event};
 use crate::registry::{Entry, Item};
 use crate::telemetry;
 
+/// A handler request being answered; see [`Driver::answering`].
+pub struct Answering<'a>(&'a Driver);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        if self.0.answering.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.answered.notify_waiters();
+        }
+    }
+}
+
 /// What [`Driver::adopt`] made of one saved session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Adopted {
@@ -52,21 +63,59 @@ pub struct Snapshot {
 }
 
 impl Driver {
-    /// The predecessor's first step: streaming RPCs end (EMQX opens them
-    /// again, at the successor), and no wake-up or probe starts new work.
-    /// Events that handler calls in flight still bring are served.
+    /// The predecessor's first step after relaying began: no wake-up or
+    /// probe starts new work here (deadlines travel with the state).
     pub fn begin_handover(&self) {
         self.handing_over.cancel();
+    }
+
+    /// Sends every handler request from now on to the successor.
+    pub fn relay_to(&self, relay: crate::upgrade::Relay) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// Where handler requests go instead of this driver, once handing over.
+    pub fn relay(&self) -> Option<&crate::upgrade::Relay> {
+        self.relay.get()
+    }
+
+    /// Counts a handler request until the guard drops.
+    pub fn answering(&self) -> Answering<'_> {
+        self.answering.fetch_add(1, Ordering::SeqCst);
+        self.started.fetch_add(1, Ordering::SeqCst);
+        Answering(self)
+    }
+
+    /// Waits until no handler request has been answered, or come, for
+    /// `settle`: EMQX then has nothing in flight here and most likely
+    /// nothing on its way. At most `within`; `false` when no such moment
+    /// came.
+    pub async fn quiet(&self, settle: std::time::Duration, within: std::time::Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                let notified = self.answered.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.answering.load(Ordering::SeqCst) != 0 {
+                    notified.await;
+                    continue;
+                }
+                let before = self.started.load(Ordering::SeqCst);
+                tokio::time::sleep(settle).await;
+                if self.started.load(Ordering::SeqCst) == before
+                    && self.answering.load(Ordering::SeqCst) == 0
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// Whether [`begin_handover`](Self::begin_handover) was called.
     pub fn is_handing_over(&self) -> bool {
         self.handing_over.is_cancelled()
-    }
-
-    /// Resolves once a handover has begun (streaming RPCs end then).
-    pub async fn handover_begun(&self) {
-        self.handing_over.cancelled().await;
     }
 
     /// Every parked session's saved state, for the successor. Call once

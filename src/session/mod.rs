@@ -127,6 +127,16 @@ pub struct Driver {
     /// While sessions are on their way from a predecessor: until when (on
     /// the driver's clock) events for unknown conns wait for them; 0: not.
     handoff_until: AtomicU64,
+    /// Set once this process hands over: handler requests go to the
+    /// successor instead of this driver.
+    relay: OnceLock<crate::upgrade::Relay>,
+    /// Handler requests being answered right now, and a wake-up when that
+    /// drops to zero (a handover closes EMQX's connections at such a
+    /// moment).
+    answering: std::sync::atomic::AtomicUsize,
+    /// Handler requests ever started, to tell a quiet moment.
+    started: AtomicU64,
+    answered: tokio::sync::Notify,
 }
 
 impl Driver {
@@ -182,6 +192,10 @@ impl Driver {
                 tasks: TaskTracker::new(),
                 handing_over: CancellationToken::new(),
                 handoff_until: AtomicU64::new(0),
+                relay: OnceLock::new(),
+                answering: Default::default(),
+                started: AtomicU64::new(0),
+                answered: tokio::sync::Notify::new(),
                 config,
                 store,
                 journal: journal.map(OnceLock::from).unwrap_or_default(),

@@ -12,6 +12,8 @@ fn frames_are_laid_out_as_documented() {
         [0, 0, 0, 7, KIND_SESSION, 0, 2, b'c', b'1', b'S', b'T']
     );
     assert_eq!(frame(KIND_BEGIN, &[]), [0, 0, 0, 1, 1]);
+    assert_eq!(frame(KIND_CLOSE, &[]), [0, 0, 0, 1, 5]);
+    assert_eq!(frame(KIND_EVENT, &[3, 1, 9]), [0, 0, 0, 4, 4, 3, 1, 9]);
     assert_eq!(
         frame(KIND_END, &3u64.to_be_bytes()),
         [0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 3]
@@ -43,16 +45,21 @@ async fn hand_over(
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp_addr = tcp.local_addr().unwrap();
     let running = tokio::spawn(async move {
-        let mut s = accept_with(&listener, ours).await.unwrap()?;
+        let s = accept_with(&listener, ours).await.unwrap()?;
         let mut offered = Offered::default();
         offered.add(Role::Handler, tcp.as_fd()).unwrap();
         offered.add(Role::Upgrade, listener.as_fd()).unwrap();
         s.offer(&offered).await.unwrap();
         let sessions: Vec<(Arc<str>, Vec<u8>)> =
             vec![("a".into(), b"state-a".to_vec()), ("b".into(), Vec::new())];
-        s.send_sessions(&sessions).await.unwrap();
-        s.wait_done().await.unwrap();
-        Some(s.format)
+        let format = s.format;
+        let (relay, done) = s.into_relay();
+        relay.event(3, MAY_REORDER, b"before").await.unwrap();
+        relay.sessions(&sessions).await.unwrap();
+        relay.event(5, 0, b"after").await.unwrap();
+        relay.close().await.unwrap();
+        done.wait().await.unwrap();
+        Some(format)
     });
     let started = start_with(&path, Duration::from_secs(5), theirs).await;
     if let Ok(Start::Successor(i)) = &started {
@@ -66,6 +73,15 @@ async fn hand_over(
     let started = match started {
         Ok(Start::Successor(mut i)) => {
             let link = &mut i.link;
+            assert_eq!(
+                link.next().await.unwrap(),
+                Frame::Event {
+                    rpc: 3,
+                    flags: MAY_REORDER,
+                    body: b"before".to_vec()
+                }
+            );
+            link.served().await.unwrap();
             assert_eq!(link.next().await.unwrap(), Frame::Begin);
             assert_eq!(
                 link.next().await.unwrap(),
@@ -76,6 +92,16 @@ async fn hand_over(
                 Frame::Session("b".into(), Vec::new())
             );
             assert_eq!(link.next().await.unwrap(), Frame::End(2));
+            assert_eq!(
+                link.next().await.unwrap(),
+                Frame::Event {
+                    rpc: 5,
+                    flags: 0,
+                    body: b"after".to_vec()
+                }
+            );
+            link.served().await.unwrap();
+            assert_eq!(link.next().await.unwrap(), Frame::Close);
             let Inherited { link, .. } = *i;
             link.done().await.unwrap();
             Ok(Start::Fresh(

@@ -37,12 +37,25 @@ pub fn temp_path(what: &str) -> PathBuf {
 /// `serve` on `port`, calling the gateway, with `extra` flags. The test's
 /// own environment does not configure it.
 pub fn spawn(port: u16, gw: &DevGateway, extra: &[OsString]) -> Child {
+    spawn_with_env(port, gw, extra, &[])
+}
+
+/// [`spawn`] with `env` set for the child alone.
+pub fn spawn_with_env(
+    port: u16,
+    gw: &DevGateway,
+    extra: &[OsString],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_exproto-adapter"));
     cmd.arg("serve")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--emqx", &format!("http://{}", gw.adapter_addr())])
         .args(extra)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("ADAPTER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true);
@@ -51,6 +64,7 @@ pub fn spawn(port: u16, gw: &DevGateway, extra: &[OsString]) -> Child {
             cmd.env_remove(k);
         }
     }
+    cmd.envs(env.iter().copied());
     cmd.spawn().expect("the adapter binary starts")
 }
 

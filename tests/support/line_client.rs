@@ -38,6 +38,21 @@ impl Reader {
     pub async fn line_within(&mut self, wait: Duration) -> String {
         read_line(&mut self.reader, wait).await
     }
+
+    /// The next line, or `None` once the server has closed the socket
+    /// (for tests where a close is one of the allowed outcomes).
+    pub async fn next_line(&mut self) -> Option<String> {
+        let mut line = Vec::new();
+        let n = tokio::time::timeout(WAIT * 6, self.reader.read_until(b'\n', &mut line))
+            .await
+            .expect("timed out waiting for a line")
+            .unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        assert_eq!(line.pop(), Some(b'\n'), "line without LF: {line:?}");
+        Some(String::from_utf8(line).expect("server wrote invalid UTF-8"))
+    }
 }
 
 /// A line client over a real TCP socket, like `nc`.
