@@ -137,6 +137,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=5))]
     pub streams_per_conn: u8,
 
+    /// Scale mode: once the connections are up, start a second adapter
+    /// that takes over from the first (`--upgrade-socket`), and report the
+    /// time to hand every session over and the memory of both processes.
+    #[arg(long)]
+    pub upgrade: bool,
+
     /// Extra flag for the spawned adapter (repeatable), e.g.
     /// `--adapter-arg=--max-queued-events=16`.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
@@ -217,8 +223,30 @@ pub struct ScaleReport {
     pub adapter_rss_bytes: u64,
     pub adapter_rss_per_conn_bytes: f64,
     pub adapter_cpu_s: f64,
+    /// With `--upgrade`: the takeover.
+    pub upgrade: Option<UpgradeReport>,
     pub loadavg_before: Option<f64>,
     pub loadavg_after: Option<f64>,
+}
+
+/// What a takeover of a scale run's sessions cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeReport {
+    /// From starting the successor until the old process had sent every
+    /// session (its own count, from its log).
+    pub handoff_s: f64,
+    /// From starting the successor until the old process exited.
+    pub old_exit_s: f64,
+    /// Session state sent, and per session.
+    pub state_bytes: u64,
+    pub state_bytes_per_session: f64,
+    /// Peak RSS of each process while the takeover ran.
+    pub old_rss_peak_bytes: u64,
+    pub new_rss_peak_bytes: u64,
+    /// The successor's RSS once the old process had gone.
+    pub new_rss_after_bytes: u64,
+    /// Whether a session answered through the successor afterwards.
+    pub served_after: bool,
 }
 
 /// A run's results, either kind.
@@ -328,6 +356,34 @@ impl Report {
                     format!("{:.0} B", r.adapter_rss_per_conn_bytes),
                 ));
                 rows.push(("handler CPU", format!("{:.2} s", r.adapter_cpu_s)));
+                if let Some(u) = &r.upgrade {
+                    let mib = |b: u64| b as f64 / 1048576.0;
+                    rows.push((
+                        "takeover",
+                        format!(
+                            "sessions handed over in {:.3} s, old process gone after {:.3} s",
+                            u.handoff_s, u.old_exit_s
+                        ),
+                    ));
+                    rows.push((
+                        "handoff state",
+                        format!(
+                            "{:.1} MiB ({:.0} B per session)",
+                            mib(u.state_bytes),
+                            u.state_bytes_per_session
+                        ),
+                    ));
+                    rows.push((
+                        "takeover RSS",
+                        format!(
+                            "old peak {:.1} MiB, new peak {:.1} MiB, new after {:.1} MiB",
+                            mib(u.old_rss_peak_bytes),
+                            mib(u.new_rss_peak_bytes),
+                            mib(u.new_rss_after_bytes)
+                        ),
+                    ));
+                    rows.push(("served after", u.served_after.to_string()));
+                }
                 rows.push((
                     "load average",
                     format!("{:?} -> {:?}", r.loadavg_before, r.loadavg_after),
@@ -465,12 +521,24 @@ async fn start_handler(
     listen: SocketAddr,
     extra: &[&str],
 ) -> anyhow::Result<HandlerProc> {
+    let cmd = handler_command(args, emqx, listen, extra)?;
+    start_child(cmd, listen).await
+}
+
+/// The command that runs the handler `args` name; `None` for an external
+/// one (`--handler-url`).
+fn handler_command(
+    args: &BenchArgs,
+    emqx: SocketAddr,
+    listen: SocketAddr,
+    extra: &[&str],
+) -> anyhow::Result<Result<Command, HandlerProc>> {
     if let Some(url) = &args.handler_url {
-        return Ok(HandlerProc {
+        return Ok(Err(HandlerProc {
             url: url.clone(),
             pid: args.handler_pid,
             child: None,
-        });
+        }));
     }
     let exe = match &args.handler_exe {
         Some(p) => p.clone(),
@@ -506,9 +574,22 @@ async fn start_handler(
         cmd.env("RUST_LOG", "warn");
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    Ok(Ok(cmd))
+}
+
+/// Spawns `cmd` (or adopts the external handler) and waits until it
+/// accepts connections on `listen`.
+async fn start_child(
+    cmd: Result<Command, HandlerProc>,
+    listen: SocketAddr,
+) -> anyhow::Result<HandlerProc> {
+    let mut cmd = match cmd {
+        Ok(cmd) => cmd,
+        Err(external) => return Ok(external),
+    };
     let child = cmd
         .spawn()
-        .with_context(|| format!("starting {}", exe.display()))?;
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     let mut h = HandlerProc {
         url: format!("http://{listen}"),
         pid: Some(child.id()),
@@ -803,23 +884,35 @@ async fn run_scale(args: &BenchArgs) -> anyhow::Result<ScaleReport> {
     if args.handler != HandlerKind::Adapter && args.handler_url.is_none() {
         bail!("scale mode measures a chat handler: --handler adapter or --handler-url");
     }
+    if args.upgrade && (args.handler_url.is_some() || args.service != HandlerMode::Unary) {
+        bail!("--upgrade takes over a spawned adapter serving the unary service");
+    }
     let loadavg_before = loadavg();
     let fake = scale::start_fake_gateway(args.gateway_adapter_listen).await?;
+    let socket = std::env::temp_dir().join(format!("exproto-bench-{}.sock", std::process::id()));
+    let socket_arg = socket.display().to_string();
     // Nothing may expire while the connections sit idle.
-    let handler = start_handler(
-        args,
-        fake.addr,
-        free_port()?,
-        &[
-            "--keepalive",
-            "0",
-            "--login-timeout",
-            "86400",
-            "--idle-probe",
-            "86400",
-        ],
-    )
-    .await?;
+    let mut extra = vec![
+        "--keepalive",
+        "0",
+        "--login-timeout",
+        "86400",
+        "--idle-probe",
+        "86400",
+    ];
+    if args.upgrade {
+        extra.extend(["--upgrade-socket", &socket_arg, "--upgrade-timeout", "600"]);
+    }
+    let listen = free_port()?;
+    let mut cmd = handler_command(args, fake.addr, listen, &extra)?;
+    if let Ok(cmd) = &mut cmd {
+        if args.upgrade {
+            // Its last words say how much state it handed over.
+            cmd.env("RUST_LOG", "warn,exproto_adapter::server=info")
+                .stderr(Stdio::piped());
+        }
+    }
+    let mut handler = start_child(cmd, listen).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = handler
         .sample()
@@ -836,6 +929,15 @@ async fn run_scale(args: &BenchArgs) -> anyhow::Result<ScaleReport> {
     // Let the last calls finish and the allocator settle before reading.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = handler.sample().context("the handler exited")?;
+    let upgrade = if args.upgrade {
+        let mut next = handler_command(args, fake.addr, listen, &extra)?
+            .map_err(|_| anyhow::anyhow!("no command for the successor"))?;
+        next.arg("--upgrade-required");
+        Some(take_over(&mut handler, next, &fake, args.connections).await?)
+    } else {
+        None
+    };
+    let _ = std::fs::remove_file(&socket);
     drop(keep);
     drop(handler);
     let n = args.connections.max(1) as f64;
@@ -851,8 +953,94 @@ async fn run_scale(args: &BenchArgs) -> anyhow::Result<ScaleReport> {
         adapter_rss_bytes: after.rss_bytes,
         adapter_rss_per_conn_bytes: (after.rss_bytes as f64 - before.rss_bytes as f64) / n,
         adapter_cpu_s: after.cpu.saturating_sub(before.cpu).as_secs_f64(),
+        upgrade,
         loadavg_before,
         loadavg_after: loadavg(),
+    })
+}
+
+/// Starts `next` to take over from `old`, samples both processes' memory
+/// until `old` exits, then checks that a session answers through `next`,
+/// which replaces `old` in `handler`.
+async fn take_over(
+    handler: &mut HandlerProc,
+    mut next: Command,
+    fake: &scale::FakeGateway,
+    sessions: usize,
+) -> anyhow::Result<UpgradeReport> {
+    let mut old = handler.child.take().context("the first adapter is gone")?;
+    let old_pid = old.id();
+    let stderr = old.stderr.take().context("the first adapter's log")?;
+    // Its log is read off as it comes, so that it never blocks on a full pipe.
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    let started = Instant::now();
+    let child = next.spawn().context("starting the successor")?;
+    let new_pid = child.id();
+    handler.child = Some(child);
+    handler.pid = Some(new_pid);
+    let (mut old_peak, mut new_peak) = (0u64, 0u64);
+    let deadline = started + Duration::from_secs(600);
+    let old_exit = loop {
+        if let Ok(s) = proc::sample(old_pid) {
+            old_peak = old_peak.max(s.rss_bytes);
+        }
+        if let Ok(s) = proc::sample(new_pid) {
+            new_peak = new_peak.max(s.rss_bytes);
+        }
+        if let Some(status) = old.try_wait()? {
+            if !status.success() {
+                bail!("the old adapter failed during the takeover ({status})");
+            }
+            break started.elapsed();
+        }
+        if Instant::now() >= deadline {
+            let _ = old.kill();
+            bail!("the old adapter did not leave within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let text = log.join().unwrap_or_default();
+    let field = |name: &str| -> Option<String> {
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("handed over to the successor"))?;
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        Some(line[at..].split_whitespace().next()?.to_owned())
+    };
+    let state_bytes: u64 = field("bytes")
+        .and_then(|b| b.parse().ok())
+        .context("the old adapter did not report the state it handed over")?;
+    let handoff_s = field("handed")
+        .and_then(|d| humantime::parse_duration(&d.replace("ms", "ms ")).ok())
+        .map_or(old_exit.as_secs_f64(), |d| d.as_secs_f64());
+    let new_after = proc::sample(new_pid).map(|s| s.rss_bytes).unwrap_or(0);
+    let before = fake.counts.calls.load(std::sync::atomic::Ordering::Relaxed);
+    let served_after = scale::ping(&handler.url, 0).await.is_ok() && {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if fake.counts.calls.load(std::sync::atomic::Ordering::Relaxed) > before {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    Ok(UpgradeReport {
+        handoff_s,
+        old_exit_s: old_exit.as_secs_f64(),
+        state_bytes,
+        state_bytes_per_session: state_bytes as f64 / sessions.max(1) as f64,
+        old_rss_peak_bytes: old_peak,
+        new_rss_peak_bytes: new_peak,
+        new_rss_after_bytes: new_after,
+        served_after,
     })
 }
 

@@ -341,6 +341,23 @@ async fn open_streams(
     Ok(held)
 }
 
+/// Sends `PING` for synthetic connection `i` (unary), as EMQX would.
+///
+/// # Errors
+/// The handler cannot be reached or answers with an error.
+pub async fn ping(handler_url: &str, i: usize) -> anyhow::Result<()> {
+    let channel = Endpoint::from_shared(handler_url.to_owned())?
+        .connect()
+        .await?;
+    ConnectionUnaryHandlerClient::new(channel)
+        .on_received_bytes(pb::ReceivedBytesRequest {
+            conn: conn_id(i),
+            bytes: Bytes::from_static(b"PING\n"),
+        })
+        .await?;
+    Ok(())
+}
+
 /// One closed-loop run of bare handler calls: `conns` synthetic connections,
 /// each with one `OnReceivedBytes` in flight at a time (EMQX's rule), for
 /// `warmup + duration`. Measures the gRPC hop alone (`--handler noop`).
