@@ -21,7 +21,6 @@ use tracing::{debug, warn};
 use super::{millis, Driver};
 use crate::protocol::{Connection, Event};
 use crate::registry::{Entry, Item};
-use crate::telemetry;
 
 /// A handler request being answered; see [`Driver::answering`].
 pub struct Answering<'a>(&'a Driver);
@@ -201,11 +200,7 @@ impl Driver {
             inner.queue.extend(held.into_iter().map(Item::Event));
             self.budget.take(inner.queue.len());
         }
-        self.registry.sessions.insert(conn, entry.clone());
-        if let dashmap::Entry::Occupied(o) = slot {
-            o.remove();
-        }
-        telemetry::connections(1.0);
+        self.register(slot, &entry);
         if waited > 0 {
             self.start_worker(&entry);
         }

@@ -386,13 +386,21 @@ impl Driver {
             inner.queue.extend(held.into_iter().map(Item::Event));
             self.budget.take(inner.queue.len());
         }
-        self.registry.sessions.insert(conn, entry.clone());
+        self.register(slot, &entry);
+        self.start_worker(&entry);
+        Ok(Some(entry))
+    }
+
+    /// Serves `entry` from now on and lets go of its conn's orphan slot,
+    /// held until now so that no event can fall between the two.
+    fn register(&self, slot: dashmap::Entry<'_, Arc<str>, Orphan>, entry: &Arc<Entry>) {
+        self.registry
+            .sessions
+            .insert(entry.conn.clone(), entry.clone());
         if let dashmap::Entry::Occupied(o) = slot {
             o.remove();
         }
         telemetry::connections(1.0);
-        self.start_worker(&entry);
-        Ok(Some(entry))
     }
 
     /// Tells a new socket why it is not served, then closes it. One try
