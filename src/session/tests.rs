@@ -821,3 +821,89 @@ async fn too_much_pending_work_makes_every_handler_wait() {
         .unwrap()
         .unwrap();
 }
+
+mod handoff {
+    use super::*;
+    use crate::protocol::{by_name, ProtocolConfig};
+
+    fn chat() -> Arc<dyn Protocol> {
+        by_name("chat", &ProtocolConfig::default()).unwrap()
+    }
+
+    /// A predecessor's session, logged in as alice, saved after its work
+    /// drained.
+    async fn saved_session() -> Vec<u8> {
+        let mut a = fixture_of(chat(), DriverConfig::default(), None);
+        a.create("c1").await;
+        a.bytes("c1", "CONNECT alice\n", false).await;
+        let mut seen = String::new();
+        while !seen.contains("OK CONNECT alice") {
+            if let Op::Send(b) = a.next_call().await.1 {
+                seen.push_str(std::str::from_utf8(&b).unwrap());
+            }
+        }
+        a.driver.begin_handover();
+        assert!(a.driver.drain(Duration::from_secs(5)).await);
+        let snap = a.driver.snapshot();
+        assert_eq!((snap.busy, snap.unsaved, snap.orphans), (0, 0, 0));
+        let [(conn, state)] = <[_; 1]>::try_from(snap.sessions).unwrap();
+        assert_eq!(&*conn, "c1");
+        state
+    }
+
+    #[tokio::test]
+    async fn events_wait_for_their_session_and_follow_its_state_in_order() {
+        let state = saved_session().await;
+        let mut b = fixture_of(chat(), DriverConfig::default(), None);
+        b.driver.expect_handoff(Duration::from_secs(60));
+        // Before its state: held, not answered as lost.
+        b.bytes("c1", "PING\n", false).await;
+        b.bytes("c1", "SUB chat/x\n", false).await;
+        assert_eq!(b.driver.registry().orphans(), 1);
+        assert_eq!(b.driver.registry().len(), 0);
+        assert_eq!(b.driver.adopt("c1", &state), Adopted::Yes(2));
+        assert_eq!(b.driver.adopt("c1", &state), Adopted::Duplicate);
+        assert_eq!(b.driver.registry().orphans(), 0);
+        // Logged in already: SUB goes to EMQX, after PONG.
+        let mut out = String::new();
+        loop {
+            match b.next_call().await.1 {
+                Op::Send(bytes) => out.push_str(std::str::from_utf8(&bytes).unwrap()),
+                Op::Call(Call::Subscribe { filter, .. }) => {
+                    assert_eq!(filter, "chat/x");
+                    assert_eq!(out, "PONG\n", "the held PING came first");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            if out.contains("OK SUB") {
+                break;
+            }
+        }
+        assert_eq!(out, "PONG\nOK SUB chat/x 0\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_never_arrives_is_lost_after_the_ordinary_wait() {
+        let mut b = fixture_of(chat(), DriverConfig::default(), None);
+        b.driver.expect_handoff(Duration::from_secs(60));
+        b.bytes("gone", "PING\n", false).await;
+        b.driver
+            .dispatch("closed", Event::Closed("normal".into()), false)
+            .await;
+        assert_eq!(b.driver.registry().orphans(), 2);
+        b.driver.end_handoff();
+        // A conn EMQX closed meanwhile is simply forgotten; the other gets
+        // the lost-session answer once the created wait is over.
+        assert_eq!(b.driver.registry().orphans(), 1);
+        assert_eq!(b.sent_bytes(1).await, "ERR 500 :session lost, reconnect\n");
+        assert_eq!(b.next_call().await, ("gone".into(), Op::Call(Call::Close)));
+        b.until_empty().await;
+    }
+
+    #[tokio::test]
+    async fn a_state_this_build_cannot_read_is_refused() {
+        let b = fixture_of(chat(), DriverConfig::default(), None);
+        assert_eq!(b.driver.adopt("c1", b"not a state"), Adopted::Unreadable);
+        assert!(b.driver.registry().is_empty());
+    }
+}
