@@ -424,3 +424,35 @@ async fn the_registry_empties_when_every_client_leaves() {
     }
     s.until_no_sessions().await;
 }
+
+/// `Call::RawPublish` reaches EMQX's RawPublish: the message comes from
+/// `exproto`, with no client identity (what a protocol says about a device
+/// that went away, say).
+#[tokio::test]
+async fn a_raw_publish_call_publishes_from_exproto() {
+    use exproto_adapter::emqx::{ConnectionAdapter, Op};
+    use exproto_adapter::protocol::Call;
+    let s = Stack::unary().await;
+    let mut c = s.connected("watcher").await;
+    assert_eq!(
+        c.ask("SUB devices/d1/status").await,
+        "OK SUB devices/d1/status 0"
+    );
+    let emqx = exproto_adapter::emqx::GrpcAdapter::new(
+        &format!("http://{}", s.gateway.adapter_addr()),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    // RawPublish names no conn: any (even a closed one's) will do.
+    emqx.call(
+        "no-such-conn",
+        Op::Call(Call::RawPublish {
+            topic: "devices/d1/status".into(),
+            qos: 1,
+            payload: Bytes::from_static(b"offline"),
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.line().await, "MSG devices/d1/status exproto :offline");
+}

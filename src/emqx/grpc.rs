@@ -218,6 +218,19 @@ impl ConnectionAdapter for GrpcAdapter {
                                 })
                                 .await
                         }
+                        Call::RawPublish {
+                            topic,
+                            qos,
+                            payload,
+                        } => {
+                            client
+                                .raw_publish(pb::RawPublishRequest {
+                                    topic,
+                                    qos: u32::from(qos),
+                                    payload,
+                                })
+                                .await
+                        }
                     },
                 }
             };

@@ -213,6 +213,16 @@ pub enum Call {
         qos: u8,
         payload: Bytes,
     },
+    /// Publish without the client's identity (EMQX's `RawPublish`): the
+    /// message comes `from` `exproto`, and EMQX checks no authorization
+    /// for it. For what the protocol itself says about a client (e.g. a
+    /// device's `offline` status after it went away), never for a topic a
+    /// client chose: that would let any client publish anywhere.
+    RawPublish {
+        topic: String,
+        qos: u8,
+        payload: Bytes,
+    },
     /// Close the socket; bytes sent before it are delivered first.
     Close,
 }
@@ -227,6 +237,7 @@ impl Call {
             Call::Subscribe { .. } => "Subscribe",
             Call::Unsubscribe { .. } => "Unsubscribe",
             Call::Publish { .. } => "Publish",
+            Call::RawPublish { .. } => "RawPublish",
             Call::Close => "Close",
         }
     }

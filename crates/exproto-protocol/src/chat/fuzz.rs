@@ -404,6 +404,9 @@ impl Checker {
                 );
             }
             Call::StartKeepalive { .. } => {}
+            // Chat never publishes without the client's identity: a client
+            // could otherwise publish where EMQX would not let it.
+            Call::RawPublish { .. } => panic!("chat made a RawPublish: {call:?}"),
             Call::Close => self.closed = true,
         }
         if let Call::Publish { .. } = call {
