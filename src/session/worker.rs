@@ -19,6 +19,10 @@ pub(super) enum Flow {
     End(&'static str),
 }
 
+/// The largest datagram the output is packed into, unless one send alone
+/// is larger: small enough to pass any path's MTU unfragmented.
+const MAX_DATAGRAM: usize = 1200;
+
 /// EMQX says the connection process is gone: nothing can reach the client.
 struct Gone;
 
@@ -225,13 +229,17 @@ impl Driver {
         if !connection.has_output() {
             return Flow::Continue;
         }
-        match self
-            .calls
-            .deliver(conn, Op::Send(connection.take_output()))
-            .await
-        {
-            Err(EmqxError::Gone) => Flow::End("gone"),
-            _ => Flow::Continue,
+        // Over UDP and DTLS each Send is one datagram (PROTOCOL.md).
+        let sends = if connection.is_datagram() {
+            connection.take_datagrams(MAX_DATAGRAM)
+        } else {
+            vec![connection.take_output()]
+        };
+        for bytes in sends {
+            if let Err(EmqxError::Gone) = self.calls.deliver(conn, Op::Send(bytes)).await {
+                return Flow::End("gone");
+            }
         }
+        Flow::Continue
     }
 }

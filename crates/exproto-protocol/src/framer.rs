@@ -48,6 +48,8 @@ pub struct LineFramer {
     partial: BytesMut,
     /// Skipping the remainder of an over-long line, up to its LF.
     discarding: bool,
+    /// Each pushed chunk is a whole datagram: its last line ends with it.
+    datagram: bool,
 }
 
 impl LineFramer {
@@ -58,7 +60,17 @@ impl LineFramer {
             chunks: VecDeque::new(),
             partial: BytesMut::new(),
             discarding: false,
+            datagram: false,
         }
+    }
+
+    /// Frames datagrams (`true`) rather than a byte stream: each pushed
+    /// chunk then holds whole lines, the last one ending with the chunk,
+    /// LF or not, and nothing carries over into the next chunk, so a lost
+    /// datagram costs only its own lines (PROTOCOL.md, datagram
+    /// transports).
+    pub fn set_datagram(&mut self, datagram: bool) {
+        self.datagram = datagram;
     }
 
     /// The maximum line length this framer enforces.
@@ -66,10 +78,17 @@ impl LineFramer {
         self.max
     }
 
-    /// Queues a chunk of the stream.
+    /// Queues a chunk of the stream (a datagram, with
+    /// [`set_datagram`](Self::set_datagram)).
     pub fn push(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.chunks.push_back(chunk);
+        if chunk.is_empty() {
+            return;
+        }
+        let unterminated = self.datagram && chunk.last() != Some(&b'\n');
+        self.chunks.push_back(chunk);
+        if unterminated {
+            // The datagram's end ends its last line.
+            self.chunks.push_back(Bytes::from_static(b"\n"));
         }
     }
 
@@ -233,6 +252,41 @@ mod tests {
             assert!(f.partial.len() <= max, "partial line over the maximum");
         }
         out
+    }
+
+    fn datagrams(max: usize, datagrams: &[&[u8]]) -> Vec<Frame> {
+        let mut f = LineFramer::new(max);
+        f.set_datagram(true);
+        let mut out = Vec::new();
+        for d in datagrams {
+            f.push(Bytes::copy_from_slice(d));
+            out.extend(f.by_ref());
+            assert_eq!(f.buffered(), 0, "nothing carries over a datagram");
+        }
+        out
+    }
+
+    #[test]
+    fn a_datagram_ends_its_last_line_and_carries_nothing_over() {
+        assert_eq!(
+            datagrams(16, &[b"PING", b"A\nB", b"C\n", b"D\r", b"\n"]),
+            [
+                line("PING"),
+                line("A"),
+                line("B"),
+                line("C"),
+                line("D"),
+                line("")
+            ]
+        );
+        // Over the limit: reported, the rest of the datagram's line
+        // skipped, and the next datagram starts clean.
+        assert_eq!(
+            datagrams(4, &[b"TOOLONG", b"abcdefgh\nok", b"PING"]),
+            [Frame::TooLong, Frame::TooLong, line("ok"), line("PING")]
+        );
+        // A stream keeps the line open across chunks.
+        assert_eq!(frames_split(16, &[b"PI", b"NG\n"]), [line("PING")]);
     }
 
     #[test]

@@ -283,6 +283,17 @@ pub trait Session: Send {
         let _ = now_ms;
     }
 
+    /// Tells the session its transport, before its first event and again
+    /// after a restore. Over a datagram transport (UDP, DTLS) each
+    /// `Event::Bytes` is one whole datagram, and PROTOCOL.md's datagram
+    /// rules apply: a session framing with [`framer::LineFramer`] passes
+    /// this on ([`framer::LineFramer::set_datagram`]) and needs nothing
+    /// else; the driver packs the output into datagrams. The default
+    /// ignores it.
+    fn set_transport(&mut self, socktype: SockType) {
+        let _ = socktype;
+    }
+
     /// How many lines or frames this session could not parse so far
     /// (cumulative). The driver exports the count as a metric; a protocol
     /// that does not count keeps the default.

@@ -101,6 +101,9 @@ pub(crate) struct ChatSession {
     /// Counts changes of what a journal keeps (login, subscriptions, the
     /// end): see [`Session::generation`].
     generation: u64,
+    /// Over UDP or DTLS: each line is its own send, so that the driver can
+    /// pack lines into datagrams ([`Session::set_transport`]).
+    datagram: bool,
 }
 
 impl ChatSession {
@@ -119,6 +122,7 @@ impl ChatSession {
                 .then(|| TokenBucket::new(config.max_publish_rate)),
             now_ms: 0,
             generation: 0,
+            datagram: false,
             config,
         }
     }
@@ -136,8 +140,17 @@ impl ChatSession {
 
     /// Hands the lines written so far to the driver.
     fn flush(&mut self, out: &mut Vec<Action>) {
-        if !self.out.is_empty() {
-            out.push(Action::Send(self.out.split().freeze()));
+        if self.out.is_empty() {
+            return;
+        }
+        let mut lines = self.out.split().freeze();
+        if self.datagram {
+            while let Some(lf) = memchr::memchr(b'\n', &lines) {
+                out.push(Action::Send(lines.split_to(lf + 1)));
+            }
+        }
+        if !lines.is_empty() {
+            out.push(Action::Send(lines));
         }
     }
 
@@ -548,6 +561,8 @@ impl ChatSession {
             publish_bucket,
             now_ms,
             generation: 0,
+            // Told again by the connection after a restore.
+            datagram: false,
         })
     }
 }
@@ -555,6 +570,11 @@ impl ChatSession {
 impl Session for ChatSession {
     fn set_time(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+    }
+
+    fn set_transport(&mut self, socktype: crate::SockType) {
+        self.datagram = socktype.is_datagram();
+        self.framer.set_datagram(self.datagram);
     }
 
     fn generation(&self) -> u64 {
