@@ -28,6 +28,9 @@ pub enum HandlerMode {
 pub struct GatewayConfig {
     /// Where raw TCP clients connect (EMQX's exproto listener, `7993`).
     pub listen: SocketAddr,
+    /// Where UDP clients send datagrams (EMQX's exproto UDP listener); one
+    /// connection per peer address. `None`: no UDP listener.
+    pub udp_listen: Option<SocketAddr>,
     /// Where the ConnectionAdapter gRPC service listens (EMQX's
     /// `gateway.exproto.server.bind`, `9100`).
     pub adapter_listen: SocketAddr,
@@ -84,6 +87,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7993)),
+            udp_listen: None,
             adapter_listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
             handler: "http://127.0.0.1:9001".to_owned(),
             handler_mode: HandlerMode::Unary,
@@ -167,6 +171,12 @@ pub struct GatewayArgs {
     /// Address for raw TCP chat clients (EMQX's exproto TCP listener).
     #[arg(long, env = "EXPROTO_GATEWAY_LISTEN", default_value = "127.0.0.1:7993")]
     pub listen: SocketAddr,
+
+    /// Address for UDP chat clients (EMQX's exproto UDP listener): each
+    /// peer address is one connection, each datagram one `OnReceivedBytes`.
+    /// Off if unset.
+    #[arg(long, env = "EXPROTO_GATEWAY_UDP_LISTEN", value_name = "ADDR")]
+    pub udp_listen: Option<SocketAddr>,
 
     /// Address of the ConnectionAdapter gRPC service that the adapter calls
     /// (EMQX's gateway.exproto.server.bind).
@@ -302,6 +312,7 @@ impl GatewayArgs {
         };
         let cfg = GatewayConfig {
             listen: self.listen,
+            udp_listen: self.udp_listen,
             adapter_listen: self.adapter_listen,
             handler: self.handler,
             handler_mode: self.handler_service,

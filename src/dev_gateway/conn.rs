@@ -41,7 +41,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
@@ -125,11 +125,18 @@ struct Keepalive {
     next_check: Instant,
 }
 
+/// Where a connection's bytes come from: a TCP socket, or the datagrams
+/// of one UDP peer, which the listener hands over one by one.
+pub(crate) enum Source {
+    Tcp(OwnedReadHalf),
+    Datagrams(mpsc::Receiver<Bytes>),
+}
+
 struct Conn {
     id: Arc<str>,
     shared: Arc<Shared>,
     handle: ConnHandle,
-    reader: Option<OwnedReadHalf>,
+    reader: Option<Source>,
     /// Dropping it lets the writer task flush and close the socket.
     writer: Option<mpsc::Sender<Bytes>>,
     deliver_tx: DeliverTx,
@@ -170,6 +177,63 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     socket: TcpStream,
     peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    // Nagle would hold back the small reply lines of a chat protocol.
+    let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().ok();
+    let (reader, write_half) = socket.into_split();
+    let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
+    let span = tracing::Span::current();
+    tokio::spawn(write_loop(write_half, wrx).instrument(span));
+    serve(
+        shared,
+        Source::Tcp(reader),
+        wtx,
+        (peer, local),
+        pb::SocketType::Tcp,
+        permit,
+    )
+    .await;
+}
+
+/// Runs one UDP peer as a connection, as EMQX's UDP listener does: each
+/// datagram from it is one `OnReceivedBytes`, each `Send` one datagram to
+/// it. It ends as a TCP connection does, but for the end of its socket:
+/// a UDP peer cannot say it is gone (`Close`, keepalive, idle timeout).
+pub(crate) async fn run_datagrams(
+    shared: Arc<Shared>,
+    datagrams: mpsc::Receiver<Bytes>,
+    socket: Arc<UdpSocket>,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let local = socket.local_addr().ok();
+    let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    tokio::spawn(async move {
+        while let Some(datagram) = wrx.recv().await {
+            if let Err(e) = socket.send_to(&datagram, peer).await {
+                tracing::debug!(error = %e, "datagram not sent");
+            }
+        }
+    });
+    serve(
+        shared,
+        Source::Datagrams(datagrams),
+        wtx,
+        (peer, local),
+        pb::SocketType::Udp,
+        permit,
+    )
+    .await;
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    reader: Source,
+    wtx: mpsc::Sender<Bytes>,
+    (peer, local): (SocketAddr, Option<SocketAddr>),
+    socktype: pb::SocketType,
     _permit: OwnedSemaphorePermit,
 ) {
     let (id, seq) = shared.registry.issue();
@@ -185,17 +249,10 @@ pub(crate) async fn run(
     };
     shared.registry.insert(handle.clone());
 
-    // Nagle would hold back the small reply lines of a chat protocol.
-    let _ = socket.set_nodelay(true);
-    let local = socket.local_addr().ok();
-    let (reader, write_half) = socket.into_split();
-    let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
-    tokio::spawn(write_loop(write_half, wrx).instrument(span.clone()));
-
     let created = pb::SocketCreatedRequest {
         conn: id.to_string(),
         conninfo: Some(pb::ConnInfo {
-            socktype: pb::SocketType::Tcp as i32,
+            socktype: socktype as i32,
             peername: Some(address(peer)),
             sockname: local.map(address),
             peercert: None,
@@ -279,13 +336,21 @@ async fn join_opt<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
     }
 }
 
-async fn read_opt(
-    r: Option<&mut OwnedReadHalf>,
-    buf: &mut [u8],
-    enabled: bool,
-) -> io::Result<usize> {
+/// The next read or datagram; empty at the end of the stream.
+async fn read_opt(r: Option<&mut Source>, buf: &mut [u8], enabled: bool) -> io::Result<Bytes> {
     match r {
-        Some(r) if enabled => r.read(buf).await,
+        Some(Source::Tcp(r)) if enabled => {
+            let n = r.read(buf).await?;
+            Ok(Bytes::copy_from_slice(&buf[..n]))
+        }
+        Some(Source::Datagrams(rx)) if enabled => loop {
+            match rx.recv().await {
+                // An empty datagram carries no bytes to hand on.
+                Some(d) if d.is_empty() => continue,
+                Some(d) => return Ok(d),
+                None => return Ok(Bytes::new()),
+            }
+        },
         _ => std::future::pending().await,
     }
 }
@@ -355,7 +420,7 @@ impl Conn {
                     Some(cmd) => self.on_cmd(cmd).await,
                     None => self.exit = true,
                 },
-                res = read_opt(self.reader.as_mut(), &mut buf, room) => self.on_read(res, &buf),
+                res = read_opt(self.reader.as_mut(), &mut buf, room) => self.on_read(res),
                 Some(msg) = recv_opt(&mut deliveries, take_deliveries) => {
                     self.on_delivery(msg, &mut deliveries);
                 }
@@ -565,16 +630,16 @@ impl Conn {
         }
     }
 
-    fn on_read(&mut self, res: io::Result<usize>, buf: &[u8]) {
+    fn on_read(&mut self, res: io::Result<Bytes>) {
         match res {
-            Ok(0) => self.close_socket("{shutdown,tcp_closed}".to_owned()),
-            Ok(n) => {
-                tracing::trace!(bytes = n, "received");
+            Ok(b) if b.is_empty() => self.close_socket("{shutdown,tcp_closed}".to_owned()),
+            Ok(bytes) => {
+                tracing::trace!(bytes = bytes.len(), "received");
                 self.recv_count += 1;
                 self.idle_deadline = None;
                 self.enqueue(HandlerEvent::Bytes(pb::ReceivedBytesRequest {
                     conn: self.id.to_string(),
-                    bytes: bytes::Bytes::copy_from_slice(&buf[..n]),
+                    bytes,
                 }));
             }
             Err(e) => self.close_socket(io_reason(&e)),

@@ -44,14 +44,16 @@ mod registry;
 mod router;
 mod shared;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use bytes::Bytes;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -91,6 +93,7 @@ pub struct GatewayStats {
 /// A running dev gateway. Dropping it stops everything too, without waiting.
 pub struct DevGateway {
     client_addr: SocketAddr,
+    udp_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     adapter: Arc<AdapterServer>,
     accept_task: Option<JoinHandle<()>>,
@@ -120,6 +123,15 @@ impl DevGateway {
             .await
             .with_context(|| format!("cannot listen for clients on {}", cfg.listen))?;
         let client_addr = listener.local_addr()?;
+        let udp = match cfg.udp_listen {
+            Some(at) => {
+                Some(Arc::new(UdpSocket::bind(at).await.with_context(|| {
+                    format!("cannot listen for UDP clients on {at}")
+                })?))
+            }
+            None => None,
+        };
+        let udp_addr = udp.as_ref().map(|u| u.local_addr()).transpose()?;
         let router = match &cfg.mqtt {
             Some(url) => Router::Mqtt(MqttRouter::connect(url, &cfg.node).await?),
             None => Router::Memory(MemoryRouter::default()),
@@ -175,9 +187,11 @@ impl DevGateway {
             exhook = shared.cfg.exhook.as_deref().unwrap_or("off"),
             "dev gateway started"
         );
-        let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
+        let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
+        let accept_task = tokio::spawn(accept_loop(listener, udp, shared.clone(), limit));
         Ok(DevGateway {
             client_addr,
+            udp_addr,
             shared,
             adapter,
             accept_task: Some(accept_task),
@@ -187,6 +201,11 @@ impl DevGateway {
     /// Where TCP clients connect.
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
+    }
+
+    /// Where UDP clients send datagrams, with `udp_listen`.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp_addr
     }
 
     /// Where the ConnectionAdapter service listens (also after a restart).
@@ -251,9 +270,16 @@ impl Drop for DevGateway {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
+async fn accept_loop(
+    listener: TcpListener,
+    udp: Option<Arc<UdpSocket>>,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+) {
     let mut conns = JoinSet::new();
+    if let Some(udp) = udp {
+        conns.spawn(datagram_loop(udp, shared.clone(), limit.clone()));
+    }
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
@@ -276,6 +302,77 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
+}
+
+/// The UDP listener: each peer address is one connection process, which
+/// gets that peer's datagrams in order. A datagram for a process whose
+/// queue is full is dropped, as the network may drop it; one from a peer
+/// whose process has ended starts a new connection.
+async fn datagram_loop(udp: Arc<UdpSocket>, shared: Arc<Shared>, limit: Arc<Semaphore>) {
+    let mut peers: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
+    let mut conns = JoinSet::new();
+    // The largest UDP payload.
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            got = udp.recv_from(&mut buf) => match got {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive failed");
+                    continue;
+                }
+            },
+        };
+        let datagram = Bytes::copy_from_slice(&buf[..n]);
+        if let Some(tx) = peers.get(&peer) {
+            match tx.try_send(datagram) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::debug!(%peer, "datagram dropped: its connection is busy");
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(d)) => {
+                    peers.remove(&peer);
+                    start_peer(&udp, &shared, &limit, &mut conns, &mut peers, peer, d);
+                }
+            }
+        } else {
+            start_peer(
+                &udp, &shared, &limit, &mut conns, &mut peers, peer, datagram,
+            );
+        }
+        peers.retain(|_, tx| !tx.is_closed());
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+/// A connection process for a new UDP peer, with its first datagram.
+fn start_peer(
+    udp: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+    limit: &Arc<Semaphore>,
+    conns: &mut JoinSet<()>,
+    peers: &mut HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+    peer: SocketAddr,
+    first: Bytes,
+) {
+    let Ok(permit) = limit.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, "connection limit reached, datagram dropped");
+        return;
+    };
+    let (tx, rx) = mpsc::channel(shared.cfg.queue_limit.max(1));
+    // A new channel has room for its first datagram.
+    let _ = tx.try_send(first);
+    peers.insert(peer, tx);
+    conns.spawn(conn::run_datagrams(
+        shared.clone(),
+        rx,
+        udp.clone(),
+        peer,
+        permit,
+    ));
 }
 
 #[cfg(test)]
