@@ -28,6 +28,8 @@ pub mod upgrade;
 /// The sans-IO protocol layer, a crate of its own (`exproto-protocol`) so
 /// that protocol authors compile neither tonic nor a database driver.
 pub use exproto_protocol as protocol;
+/// The protocol authors' test kit (`protocol::testing`), at the top too.
+pub use exproto_protocol::testing;
 
 /// HTTP/2 connection window for every gRPC link the crate serves or
 /// dials. h2 (0.4.20) sends GOAWAY `ENHANCE_YOUR_CALM "too_many_data_frames"`

@@ -295,7 +295,9 @@ mod tests {
     }
 
     #[test]
-    fn a_session_split_at_every_byte_answers_in_order() {
+    fn a_session_answers_in_order_however_its_stream_is_cut() {
+        use exproto_adapter::protocol::testing::{assert_same_at_every_split, transcript};
+        use exproto_adapter::protocol::Request;
         let mut input = Vec::new();
         input.extend_from_slice(&frame(PING, &[]));
         input.extend_from_slice(&frame(SUB, b"a/b"));
@@ -310,23 +312,19 @@ mod tests {
             frame(REPLY | PUB, &[OK]),
         ]
         .concat();
-        let mut s = BinSession::default();
-        let mut wire = Vec::new();
-        let mut calls = Vec::new();
-        for b in &input {
-            let (w, c) = run(&mut s, Event::Bytes(Bytes::copy_from_slice(&[*b])), &[]);
-            wire.extend(w);
-            calls.extend(c);
-        }
+        // The library's test kit: whole, cut in two at every byte, and
+        // byte by byte, the same answers and calls.
+        assert_same_at_every_split(&BinProto, &input);
+        let (wire, requests) = transcript(&BinProto, &[&input]);
         assert_eq!(wire, want);
-        assert_eq!(calls.len(), 3);
+        assert_eq!(requests.len(), 3);
         assert_eq!(
-            calls[2],
-            Call::Publish {
+            requests[2],
+            Request::Call(Call::Publish {
                 topic: "a/b".into(),
                 qos: 0,
                 payload: Bytes::from_static(b"\x00\x01")
-            }
+            })
         );
     }
 

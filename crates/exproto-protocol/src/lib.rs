@@ -20,6 +20,7 @@ pub mod connection;
 pub mod framer;
 pub mod rate;
 pub mod state;
+pub mod testing;
 pub mod topic;
 
 use std::net::SocketAddr;
