@@ -121,3 +121,28 @@ async fn a_udp_chat_session_frames_by_datagram() {
     a.send("PING").await;
     assert_eq!(a.lines(2).await, [HELLO, "PONG"]);
 }
+
+/// A UDP peer cannot say it is gone: keepalive ends its session when it
+/// goes silent, and its next datagram is a new connection.
+#[tokio::test]
+async fn keepalive_ends_a_silent_udp_session() {
+    let s = Stack::start(
+        |g| g.udp_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        |a| a.protocol.keepalive = Duration::from_secs(1),
+    )
+    .await;
+    let a = Peer::new(s.gateway.udp_addr().unwrap()).await;
+    a.send("CONNECT quiet").await;
+    assert_eq!(a.lines(2).await, [HELLO, "OK CONNECT quiet"]);
+    // EMQX's keepalive closes it after 1 to 2 intervals of silence.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.gateway.connection_count() != 0 || !s.adapter.driver().registry().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keepalive did not end the session"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.send("PING").await;
+    assert_eq!(a.lines(2).await, [HELLO, "PONG"]);
+}
