@@ -77,6 +77,41 @@ fn parse_list_max(s: &str) -> Result<usize, String> {
 ///
 /// # Errors
 /// Any other word.
+/// `--listener`'s value: an EMQX listener's port and its protocol's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerProtocol {
+    pub port: u16,
+    pub protocol: String,
+}
+
+impl std::fmt::Display for ListenerProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.port, self.protocol)
+    }
+}
+
+/// `PORT=PROTOCOL`; whether the protocol exists is checked at start, where
+/// the protocols a binary registers are known too.
+pub fn parse_listener(s: &str) -> Result<ListenerProtocol, String> {
+    let (port, protocol) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected PORT=PROTOCOL, e.g. 7994=chat, not {s:?}"))?;
+    let port: u16 = port
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
+    let protocol = protocol.trim();
+    if protocol.is_empty() {
+        return Err(format!("no protocol named for port {port}"));
+    }
+    Ok(ListenerProtocol {
+        port,
+        protocol: protocol.to_owned(),
+    })
+}
+
 pub fn parse_clientid_policy(s: &str) -> Result<ClientidPolicy, String> {
     s.trim().parse()
 }
@@ -117,9 +152,16 @@ pub struct ServeArgs {
     #[arg(long, env = "EXPROTO_EMQX", default_value = "http://127.0.0.1:9100")]
     pub emqx: String,
 
-    /// Protocol the clients speak.
+    /// Protocol the clients speak, on every EMQX listener that --listener
+    /// does not map to another.
     #[arg(long, env = "EXPROTO_PROTOCOL", default_value = "chat", value_parser = clap::builder::PossibleValuesParser::new(crate::protocol::NAMES))]
     pub protocol: String,
+
+    /// The protocol of one EMQX listener, by its port (ConnInfo.sockname):
+    /// `7994=lines`. Repeatable; EXPROTO_LISTENER takes a comma-separated
+    /// list, the config file a table (`[listener]` with `7994 = "lines"`).
+    #[arg(long = "listener", env = "EXPROTO_LISTENER", value_delimiter = ',', value_parser = parse_listener, value_name = "PORT=PROTOCOL")]
+    pub listeners: Vec<ListenerProtocol>,
 
     /// EMQX keepalive started after CONNECT, in seconds; a client silent for
     /// about 1-2x this long is disconnected. 0 disables it.
@@ -351,6 +393,11 @@ impl ServeArgs {
             emqx: self.emqx.clone(),
             call_timeout: self.call_timeout,
             protocol_name: self.protocol.clone(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| (l.port, l.protocol.clone()))
+                .collect(),
             protocol: ProtocolConfig {
                 max_line: self.max_line,
                 login_timeout: self.login_timeout,
@@ -407,6 +454,21 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listener_mappings() {
+        assert_eq!(
+            parse_listener("7994=lines"),
+            Ok(ListenerProtocol {
+                port: 7994,
+                protocol: "lines".into()
+            })
+        );
+        assert_eq!(parse_listener(" 7995 = chat ").unwrap().port, 7995);
+        for bad in ["7994", "0=chat", "70000=chat", "x=chat", "7994="] {
+            assert!(parse_listener(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn seconds() {

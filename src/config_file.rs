@@ -123,6 +123,14 @@ pub fn file_args(
                     other => Err(bad(format!("unexpected {} in a list", other.type_str()))),
                 })
                 .collect::<Result<_, _>>()?,
+            // `[listener]` with `7994 = "lines"`: one `KEY=VALUE` each.
+            toml::Value::Table(t) if arg.get_value_delimiter().is_some() => t
+                .iter()
+                .map(|(k, v)| match v {
+                    toml::Value::String(s) => Ok(format!("{k}={s}")),
+                    other => Err(bad(format!("unexpected {} in a table", other.type_str()))),
+                })
+                .collect::<Result<_, _>>()?,
             other => {
                 return Err(bad(format!(
                     "expected a value, found a {}",
@@ -270,6 +278,40 @@ mod tests {
         assert_eq!(args.listen.to_string(), "127.0.0.1:9999");
         assert!(from_file.contains("login_timeout"));
         assert!(!from_file.contains("keepalive"));
+    }
+
+    #[test]
+    fn listeners_come_from_a_table_or_flags() {
+        use crate::config::ListenerProtocol;
+        let l = |port, protocol: &str| ListenerProtocol {
+            port,
+            protocol: protocol.into(),
+        };
+        let (args, from_file) =
+            parse(&[], "[listener]\n7994 = \"lines\"\n7995 = \"binproto\"\n").unwrap();
+        assert_eq!(args.listeners, [l(7994, "lines"), l(7995, "binproto")]);
+        assert!(from_file.contains("listeners"));
+        let (args, _) = parse(
+            &["--listener", "8000=chat", "--listener", "8001=lines"],
+            "[listener]\n7994 = \"lines\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            args.listeners,
+            [l(8000, "chat"), l(8001, "lines")],
+            "flags win"
+        );
+        let e = parse(&[], "[listener]\nx = \"lines\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key `listener`") && e.contains("not a port"),
+            "{e}"
+        );
+        let e = parse(&[], "[listener]\n7994 = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `listener`"), "{e}");
     }
 
     #[test]

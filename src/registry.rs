@@ -33,6 +33,9 @@ pub(crate) enum Item {
 /// One live session.
 pub(crate) struct Entry {
     pub(crate) conn: Arc<str>,
+    /// The name of the protocol the connection speaks (its state is saved
+    /// under it).
+    pub(crate) protocol: &'static str,
     inner: Mutex<Inner>,
     /// When the last event came, on the driver's clock; the sweeper probes
     /// sessions that have been silent too long.
@@ -55,9 +58,15 @@ pub(crate) struct Inner {
 }
 
 impl Entry {
-    pub(crate) fn new(conn: Arc<str>, connection: Connection, now_ms: u64) -> Self {
+    pub(crate) fn new(
+        conn: Arc<str>,
+        protocol: &'static str,
+        connection: Connection,
+        now_ms: u64,
+    ) -> Self {
         Self {
             conn,
+            protocol,
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 running: false,

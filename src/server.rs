@@ -41,6 +41,9 @@ pub struct AdapterConfig {
     /// A built-in protocol's name (see [`protocol::NAMES`]), served unless
     /// a protocol is registered with [`ServerBuilder::protocol`].
     pub protocol_name: String,
+    /// EMQX listeners (by port) whose clients speak another protocol than
+    /// `protocol_name`: built-in or registered names.
+    pub listeners: Vec<(u16, String)>,
     /// The protocol's settings. Its `clientid_policy` binds the driver too
     /// (which checks every protocol's Authenticate), whatever `driver` says.
     pub protocol: ProtocolConfig,
@@ -110,6 +113,7 @@ impl Default for AdapterConfig {
             emqx: "http://127.0.0.1:9100".into(),
             call_timeout: Duration::from_secs(5),
             protocol_name: "chat".into(),
+            listeners: Vec::new(),
             protocol: ProtocolConfig::default(),
             driver: DriverConfig::default(),
             max_concurrent_streams: None,
@@ -410,6 +414,7 @@ impl Server {
         ServerBuilder {
             config,
             protocols: Vec::new(),
+            registered: Vec::new(),
             handler_listener: None,
             hook_listener: None,
             emqx: None,
@@ -421,10 +426,11 @@ impl Server {
 #[must_use = "the adapter runs only once `start` is awaited"]
 pub struct ServerBuilder {
     config: AdapterConfig,
-    /// The protocols to serve, e.g. ones defined outside this crate. A
-    /// list, so that listeners can later each choose one of them; today
-    /// the one handler listener serves at most one.
+    /// The default protocol when a caller gives one (at most one), e.g.
+    /// one defined outside this crate.
     protocols: Vec<Arc<dyn Protocol>>,
+    /// Protocols known by name, for `config.listeners`.
+    registered: Vec<Arc<dyn Protocol>>,
     handler_listener: Option<TcpListener>,
     hook_listener: Option<TcpListener>,
     /// Tests put a fake EMQX here.
@@ -438,6 +444,14 @@ impl ServerBuilder {
     /// is set.
     pub fn protocol(mut self, protocol: Arc<dyn Protocol>) -> Self {
         self.protocols.push(protocol);
+        self
+    }
+
+    /// Makes `protocol` known by its name, beside the built-in ones, so
+    /// that `config.listeners` (`--listener PORT=NAME`) can map an EMQX
+    /// listener to it.
+    pub fn register(mut self, protocol: Arc<dyn Protocol>) -> Self {
+        self.registered.push(protocol);
         self
     }
 
@@ -467,7 +481,8 @@ impl ServerBuilder {
     /// store when presence is configured.
     ///
     /// # Errors
-    /// More than one protocol registered, an unknown built-in protocol, a
+    /// More than one default protocol, an unknown protocol (default or of
+    /// a listener), a listener port mapped twice, a
     /// hook listener without presence settings, a bad EMQX URL, TLS files
     /// that cannot be used, an address that cannot be bound, or a store
     /// that cannot be opened.
@@ -475,6 +490,7 @@ impl ServerBuilder {
         let Self {
             config,
             protocols,
+            registered,
             handler_listener,
             hook_listener,
             emqx,
@@ -484,14 +500,7 @@ impl ServerBuilder {
                 "an ExHook listener needs the presence settings (AdapterConfig::presence)"
             );
         }
-        let protocol = match protocols.as_slice() {
-            [] => builtin_protocol(&config)?,
-            [one] => one.clone(),
-            many => anyhow::bail!(
-                "{} protocols registered; an adapter serves one for now",
-                many.len()
-            ),
-        };
+        let protocol = resolve_protocols(&config, &protocols, &registered)?;
         let emqx = match emqx {
             Some(emqx) => emqx,
             None => dial_emqx(&config)?,
@@ -665,7 +674,7 @@ impl ServerBuilder {
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         }));
-        tracing::info!(%addr, protocol = driver.protocol().name(), tls = config.tls.is_some(), "handler listening");
+        tracing::info!(%addr, protocols = ?driver.protocols(), tls = config.tls.is_some(), "handler listening");
         Ok(RunningAdapter {
             addr,
             driver,
@@ -847,14 +856,113 @@ fn dial_emqx(config: &AdapterConfig) -> anyhow::Result<Arc<dyn ConnectionAdapter
 
 /// The built-in protocol `config` names, with WHO and HISTORY enabled
 /// exactly when the presence service runs.
-fn builtin_protocol(config: &AdapterConfig) -> anyhow::Result<Arc<dyn Protocol>> {
+fn builtin_protocol(config: &AdapterConfig, name: &str) -> Option<Arc<dyn Protocol>> {
     let mut protocol_config = config.protocol.clone();
     protocol_config.presence_history = config.presence.is_some();
-    protocol::by_name(&config.protocol_name, &protocol_config).with_context(|| {
-        format!(
-            "unknown protocol {:?} (known: {})",
-            config.protocol_name,
-            protocol::NAMES.join(", ")
+    protocol::by_name(name, &protocol_config)
+}
+
+/// The default protocol (the one given to [`ServerBuilder::protocol`], else
+/// `config.protocol_name`) and the protocol of each mapped listener, from
+/// the built-in and registered ones.
+fn resolve_protocols(
+    config: &AdapterConfig,
+    default: &[Arc<dyn Protocol>],
+    registered: &[Arc<dyn Protocol>],
+) -> anyhow::Result<crate::session::Protocols> {
+    let lookup = |name: &str, what: String| -> anyhow::Result<Arc<dyn Protocol>> {
+        registered
+            .iter()
+            .chain(default)
+            .find(|p| p.name() == name)
+            .cloned()
+            .or_else(|| builtin_protocol(config, name))
+            .with_context(|| {
+                let mut known: Vec<&str> = protocol::NAMES.to_vec();
+                known.extend(registered.iter().chain(default).map(|p| p.name()));
+                known.sort_unstable();
+                known.dedup();
+                format!(
+                    "unknown protocol {name:?}{what} (known: {})",
+                    known.join(", ")
+                )
+            })
+    };
+    let default = match default {
+        [] => lookup(&config.protocol_name, String::new())?,
+        [one] => one.clone(),
+        many => anyhow::bail!(
+            "{} default protocols given; register the others with `register` and map them to listeners",
+            many.len()
+        ),
+    };
+    let mut by_port = Vec::with_capacity(config.listeners.len());
+    for (port, name) in &config.listeners {
+        if by_port.iter().any(|(p, _)| p == port) {
+            anyhow::bail!("listener port {port} is mapped twice (--listener)");
+        }
+        by_port.push((*port, lookup(name, format!(" for listener port {port}"))?));
+    }
+    Ok(crate::session::Protocols::new(default, by_port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(protocol: &str, listeners: &[(u16, &str)]) -> AdapterConfig {
+        AdapterConfig {
+            protocol_name: protocol.into(),
+            listeners: listeners
+                .iter()
+                .map(|(p, n)| (*p, (*n).to_owned()))
+                .collect(),
+            ..AdapterConfig::default()
+        }
+    }
+
+    /// A protocol a binary brings, known only by registration.
+    struct Other;
+
+    impl Protocol for Other {
+        fn name(&self) -> &'static str {
+            "other"
+        }
+        fn new_session(&self, init: protocol::SessionInit) -> Box<dyn protocol::Session> {
+            builtin_protocol(&AdapterConfig::default(), "chat")
+                .unwrap()
+                .new_session(init)
+        }
+        fn lost_session_bytes(&self) -> bytes::Bytes {
+            bytes::Bytes::new()
+        }
+    }
+
+    #[test]
+    fn listeners_map_to_built_in_and_registered_protocols() {
+        let other: Arc<dyn Protocol> = Arc::new(Other);
+        let p = resolve_protocols(
+            &config("chat", &[(7994, "chat"), (7995, "other")]),
+            &[],
+            std::slice::from_ref(&other),
         )
-    })
+        .unwrap();
+        let at = |port: u16| Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        assert_eq!(p.default().name(), "chat");
+        assert_eq!(p.for_listener(at(7993)).name(), "chat");
+        assert_eq!(p.for_listener(at(7995)).name(), "other");
+        assert_eq!(p.for_listener(None).name(), "chat");
+        assert_eq!(p.by_name("other").unwrap().name(), "other");
+        let e = resolve_protocols(&config("chat", &[(7994, "lines2")]), &[], &[other])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown protocol \"lines2\" for listener port 7994 (known: chat, other)"),
+            "{e}"
+        );
+        let e = resolve_protocols(&config("chat", &[(7994, "chat"), (7994, "chat")]), &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mapped twice"), "{e}");
+    }
 }

@@ -125,12 +125,12 @@ pub(crate) fn bytes_out(n: usize) {
     counter!(BYTES_OUT).increment(n as u64);
 }
 
-pub(crate) fn parse_errors(n: u64) {
-    counter!(PARSE_ERRORS).increment(n);
+pub(crate) fn parse_errors(protocol: &'static str, n: u64) {
+    counter!(PARSE_ERRORS, "protocol" => protocol).increment(n);
 }
 
-pub(crate) fn connections(delta: f64) {
-    gauge!(CONNECTIONS).increment(delta);
+pub(crate) fn connections(protocol: &'static str, delta: f64) {
+    gauge!(CONNECTIONS, "protocol" => protocol).increment(delta);
 }
 
 pub(crate) fn hook_records(outcome: &'static str, n: u64) {

@@ -327,7 +327,19 @@ async fn the_builder_refuses_what_it_cannot_serve() {
         .start()
         .await;
     let e = refusal(two);
-    assert!(e.contains("2 protocols registered"), "{e}");
+    assert!(e.contains("2 default protocols given"), "{e}");
+
+    let unknown = Server::builder(exproto_adapter::server::AdapterConfig {
+        listeners: vec![(7994, "nope".into())],
+        ..quick_config()
+    })
+    .start()
+    .await;
+    let e = refusal(unknown);
+    assert!(
+        e.contains("unknown protocol \"nope\" for listener port 7994 (known: chat)"),
+        "{e}"
+    );
 
     let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let no_presence = Server::builder(quick_config())

@@ -60,13 +60,13 @@ async fn metrics_count_what_clients_do() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };
     for want in [
-        "exproto_connections 1",
+        "exproto_connections{protocol=\"chat\"} 1",
         "exproto_events_total{kind=\"created\"} 1",
         "exproto_events_total{kind=\"messages\"} 1",
         "exproto_emqx_calls_total{method=\"Publish\",result=\"success\"} 1",
         "exproto_emqx_calls_total{method=\"Authenticate\",result=\"success\"} 1",
         "exproto_emqx_call_duration_seconds_bucket{method=\"Subscribe\",le=\"5\"} 1",
-        "exproto_parse_errors_total 1",
+        "exproto_parse_errors_total{protocol=\"chat\"} 1",
         // client.connected and message.publish; nothing dropped.
         "exproto_hook_records_total{outcome=\"queued\"} 2",
     ] {

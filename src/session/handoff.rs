@@ -138,7 +138,7 @@ impl Driver {
                 snap.busy += 1;
                 continue;
             };
-            match connection.save(self.protocol.name()) {
+            match connection.save(entry.protocol) {
                 Ok(state) => snap.sessions.push((entry.conn.clone(), state)),
                 Err(e) => {
                     debug!(conn = %entry.conn, error = %e, "session not handed over");
@@ -168,8 +168,20 @@ impl Driver {
     /// Serves the session that `state` (from [`Connection::save`]) holds
     /// for `conn`, with any events that waited for it.
     pub fn adopt(self: &Arc<Self>, conn: &str, state: &[u8]) -> Adopted {
-        let connection = match Connection::restore(self.protocol.as_ref(), state) {
-            Ok(c) => c,
+        let restored = Connection::saved_protocol(state).and_then(|name| {
+            let protocol = self.protocols.by_name(name).ok_or_else(|| {
+                crate::protocol::state::StateError::OtherProtocol {
+                    found: name.to_owned(),
+                    expected: self.protocols.default().name().to_owned(),
+                }
+            })?;
+            Ok((
+                protocol.name(),
+                Connection::restore(protocol.as_ref(), state)?,
+            ))
+        });
+        let (protocol, connection) = match restored {
+            Ok(r) => r,
             Err(e) => {
                 warn!(%conn, error = %e, "cannot restore a saved session");
                 return Adopted::Unreadable;
@@ -191,7 +203,12 @@ impl Driver {
             dashmap::Entry::Vacant(_) => Vec::new(),
         };
         let waited = held.len();
-        let entry = Arc::new(Entry::new(conn.clone(), connection, self.registry.now_ms()));
+        let entry = Arc::new(Entry::new(
+            conn.clone(),
+            protocol,
+            connection,
+            self.registry.now_ms(),
+        ));
         {
             let mut inner = entry.lock();
             if let Some(c) = &inner.connection {

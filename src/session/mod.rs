@@ -21,6 +21,7 @@ mod admission;
 mod budget;
 mod calls;
 mod handoff;
+mod protocols;
 mod queries;
 mod wakeups;
 mod worker;
@@ -42,6 +43,7 @@ use admission::Admission;
 use budget::EventBudget;
 use calls::Calls;
 pub use handoff::{Adopted, Snapshot};
+pub use protocols::Protocols;
 pub use queries::StoreReader;
 use wakeups::Wakeups;
 
@@ -105,7 +107,7 @@ impl Default for DriverConfig {
 /// services.
 pub struct Driver {
     registry: Registry,
-    protocol: Arc<dyn Protocol>,
+    protocols: Protocols,
     calls: Calls,
     wakeups: Wakeups,
     config: DriverConfig,
@@ -142,7 +144,7 @@ pub struct Driver {
 impl Driver {
     /// A driver with its wake-up and sweeper tasks. Needs a tokio runtime.
     pub fn new(
-        protocol: Arc<dyn Protocol>,
+        protocol: impl Into<Protocols>,
         emqx: Arc<dyn ConnectionAdapter>,
         config: DriverConfig,
     ) -> Arc<Self> {
@@ -151,7 +153,7 @@ impl Driver {
 
     /// [`Driver::new`] with the store that answers `WHO` and `HISTORY`.
     pub fn with_store(
-        protocol: Arc<dyn Protocol>,
+        protocol: impl Into<Protocols>,
         emqx: Arc<dyn ConnectionAdapter>,
         config: DriverConfig,
         store: Option<StoreReader>,
@@ -163,12 +165,13 @@ impl Driver {
     /// state across a crash; restore what it held with
     /// [`Driver::restore`] before serving.
     pub fn start(
-        protocol: Arc<dyn Protocol>,
+        protocol: impl Into<Protocols>,
         emqx: Arc<dyn ConnectionAdapter>,
         config: DriverConfig,
         store: Option<StoreReader>,
         journal: Option<Journal>,
     ) -> Arc<Self> {
+        let protocols = protocol.into();
         let driver = Arc::new_cyclic(|weak: &Weak<Driver>| {
             let weak = weak.clone();
             let wakeups = Wakeups::start(move |conn| {
@@ -178,7 +181,7 @@ impl Driver {
             });
             Driver {
                 registry: Registry::default(),
-                protocol,
+                protocols,
                 calls: Calls::new(
                     emqx,
                     config.max_pending_calls,
@@ -220,9 +223,14 @@ impl Driver {
         &self.registry
     }
 
-    /// The protocol every session speaks.
+    /// The protocol of listeners not mapped to another.
     pub fn protocol(&self) -> &Arc<dyn Protocol> {
-        &self.protocol
+        self.protocols.default()
+    }
+
+    /// Every protocol served, and which listener speaks which.
+    pub fn protocols(&self) -> &Protocols {
+        &self.protocols
     }
 
     /// Starts a shutdown: from now on a new socket gets the protocol's
@@ -289,16 +297,20 @@ impl Driver {
     pub async fn dispatch(self: &Arc<Self>, conn: &str, event: Event, may_reorder: bool) {
         let _busy = self.tasks.token();
         let entry = match event {
-            Event::Created(_) => match self.create(conn, event) {
-                Ok(entry) => entry,
-                Err(refusal) => {
-                    // Answered only once the socket is told and closed: in
-                    // unary mode EMQX sends this conn nothing more until
-                    // then, so no stray `session lost` line can overtake.
-                    self.refuse(conn, refusal).await;
-                    None
+            Event::Created(ref meta) => {
+                let protocol = self.protocols.for_listener(meta.sockname).clone();
+                match self.create(conn, event, &protocol) {
+                    Ok(entry) => entry,
+                    Err(refusal) => {
+                        // Answered only once the socket is told and closed:
+                        // in unary mode EMQX sends this conn nothing more
+                        // until then, so no stray `session lost` line can
+                        // overtake.
+                        self.refuse(conn, refusal, protocol.as_ref()).await;
+                        None
+                    }
                 }
-            },
+            }
             Event::Closed(_) | Event::TimerFired(_) => match self.registry.get(conn) {
                 Some(e) => {
                     self.enqueue(&e, Item::Event(event));
@@ -335,7 +347,12 @@ impl Driver {
     }
 
     /// Registers a session for a new socket, or says why it is refused.
-    fn create(self: &Arc<Self>, conn: &str, created: Event) -> Result<Option<Arc<Entry>>, Refusal> {
+    fn create(
+        self: &Arc<Self>,
+        conn: &str,
+        created: Event,
+        protocol: &Arc<dyn Protocol>,
+    ) -> Result<Option<Arc<Entry>>, Refusal> {
         let conn: Arc<str> = conn.into();
         // The orphan slot stays locked until the session is registered, so
         // an event that `hold` takes meanwhile (streaming mode delivers
@@ -376,10 +393,15 @@ impl Driver {
             }
             return Err(refusal);
         }
-        let session = self.protocol.new_session(SessionInit {
+        let session = protocol.new_session(SessionInit {
             random: rand::random(),
         });
-        let entry = Arc::new(Entry::new(conn.clone(), Connection::new(session), now));
+        let entry = Arc::new(Entry::new(
+            conn.clone(),
+            protocol.name(),
+            Connection::new(session),
+            now,
+        ));
         {
             let mut inner = entry.lock();
             inner.queue.push_back(Item::Created(created, heard_ms));
@@ -400,14 +422,14 @@ impl Driver {
         if let dashmap::Entry::Occupied(o) = slot {
             o.remove();
         }
-        telemetry::connections(1.0);
+        telemetry::connections(entry.protocol, 1.0);
     }
 
     /// Tells a new socket why it is not served, then closes it. One try
     /// each: a refused socket is not worth retries while EMQX struggles.
-    async fn refuse(&self, conn: &str, refusal: Refusal) {
+    async fn refuse(&self, conn: &str, refusal: Refusal, protocol: &dyn Protocol) {
         debug!(%conn, ?refusal, "new socket refused");
-        let bytes = self.protocol.refusal_bytes(refusal);
+        let bytes = protocol.refusal_bytes(refusal);
         if !bytes.is_empty() {
             if let Err(EmqxError::Gone) = self.calls.call(conn, Op::Send(bytes)).await {
                 return;
@@ -490,7 +512,8 @@ impl Driver {
         info!(%conn, "event for a connection without a session; closing it");
         let this = self.clone();
         self.tasks.spawn(async move {
-            let bytes = this.protocol.lost_session_bytes();
+            // Which listener the conn came through is not known here.
+            let bytes = this.protocols.default().lost_session_bytes();
             if this.calls.deliver(&conn, Op::Send(bytes)).await.is_ok() {
                 let _ = this.calls.deliver(&conn, Op::Call(Call::Close)).await;
             }

@@ -907,3 +907,62 @@ mod handoff {
         assert!(b.driver.registry().is_empty());
     }
 }
+
+/// A protocol that names itself to every new socket.
+struct Greeter;
+
+struct GreeterSession;
+
+impl Protocol for Greeter {
+    fn name(&self) -> &'static str {
+        "greeter"
+    }
+    fn new_session(&self, _: SessionInit) -> Box<dyn Session> {
+        Box::new(GreeterSession)
+    }
+    fn lost_session_bytes(&self) -> Bytes {
+        Bytes::new()
+    }
+}
+
+impl Session for GreeterSession {
+    fn handle(&mut self, event: Event, out: &mut Vec<Action>) {
+        if let Event::Created(_) = event {
+            out.push(Action::Send(Bytes::from_static(b"greeter\n")));
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_listener_speaks_its_own_protocol() {
+    let protocols = Protocols::new(
+        Arc::new(Toy),
+        vec![(7994, Arc::new(Greeter) as Arc<dyn Protocol>)],
+    );
+    let (tx, mut calls) = mpsc::unbounded_channel();
+    let emqx = Arc::new(FakeEmqx {
+        calls: tx,
+        script: Mutex::new(Box::new(|_, _| Ok(()))),
+        gate: Arc::new(tokio::sync::Semaphore::new(usize::MAX >> 4)),
+    });
+    let driver = Driver::new(protocols, emqx, DriverConfig::default());
+    let on = |port: u16| ConnMeta {
+        sockname: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        ..ConnMeta::default()
+    };
+    driver.dispatch("a", Event::Created(on(7994)), false).await;
+    assert_eq!(calls.recv().await.unwrap(), ("a".into(), send("greeter\n")));
+    driver.dispatch("b", Event::Created(on(7993)), false).await;
+    assert_eq!(calls.recv().await.unwrap(), ("b".into(), send("hi\n")));
+    driver
+        .dispatch("c", Event::Created(ConnMeta::default()), false)
+        .await;
+    assert_eq!(calls.recv().await.unwrap(), ("c".into(), send("hi\n")));
+    // A saved session of a protocol this driver does not serve is refused.
+    let chat =
+        crate::protocol::by_name("chat", &crate::protocol::ProtocolConfig::default()).unwrap();
+    let state = Connection::new(chat.new_session(SessionInit::default()))
+        .save("chat")
+        .unwrap();
+    assert_eq!(driver.adopt("d", &state), Adopted::Unreadable);
+}

@@ -77,7 +77,7 @@ impl Driver {
                 let now = connection.generation();
                 if now != kept {
                     kept = now;
-                    match connection.save(self.protocol.name()) {
+                    match connection.save(entry.protocol) {
                         Ok(state) => journal.put(entry.conn.clone(), state).await,
                         Err(e) => debug!(conn = %entry.conn, error = %e, "session not journaled"),
                     }
@@ -89,7 +89,7 @@ impl Driver {
             }
             let now = connection.parse_errors();
             if now > parse_errors {
-                telemetry::parse_errors(now - parse_errors);
+                telemetry::parse_errors(entry.protocol, now - parse_errors);
                 parse_errors = now;
             }
             if let Flow::End(why) = flow {
@@ -112,7 +112,7 @@ impl Driver {
                 journal.remove(entry.conn.clone());
             }
             self.admission.leave();
-            telemetry::connections(-1.0);
+            telemetry::connections(entry.protocol, -1.0);
         }
         let dropped = {
             let mut inner = entry.lock();

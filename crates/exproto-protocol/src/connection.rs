@@ -283,18 +283,7 @@ impl Connection {
     /// protocol, or that the protocol cannot read.
     pub fn restore(protocol: &dyn Protocol, bytes: &[u8]) -> Result<Self, StateError> {
         let mut r = Reader::new(bytes);
-        let magic = [r.u8()?, r.u8()?, r.u8()?, r.u8()?];
-        if &magic != MAGIC {
-            return Err(StateError::Invalid("not a saved connection"));
-        }
-        let format = r.u16()?;
-        if format == 0 || format > STATE_FORMAT {
-            return Err(StateError::Version {
-                found: format,
-                supported: STATE_FORMAT,
-            });
-        }
-        let name = r.str()?;
+        let name = Self::header(&mut r)?;
         if name != protocol.name() {
             return Err(StateError::OtherProtocol {
                 found: name.to_owned(),
@@ -324,6 +313,31 @@ impl Connection {
             sockname,
             busy: None,
         })
+    }
+
+    /// The name of the protocol that saved `bytes` (see
+    /// [`Connection::save`]), to pick the one that restores them.
+    ///
+    /// # Errors
+    /// Bytes that are not a saved connection, or of a newer format.
+    pub fn saved_protocol(bytes: &[u8]) -> Result<&str, StateError> {
+        Self::header(&mut Reader::new(bytes))
+    }
+
+    /// Reads the magic and the format, and returns the protocol's name.
+    fn header<'a>(r: &mut Reader<'a>) -> Result<&'a str, StateError> {
+        let magic = [r.u8()?, r.u8()?, r.u8()?, r.u8()?];
+        if &magic != MAGIC {
+            return Err(StateError::Invalid("not a saved connection"));
+        }
+        let format = r.u16()?;
+        if format == 0 || format > STATE_FORMAT {
+            return Err(StateError::Version {
+                found: format,
+                supported: STATE_FORMAT,
+            });
+        }
+        r.str()
     }
 
     /// See [`Session::generation`].
@@ -416,6 +430,7 @@ mod tests {
     fn a_restored_udp_connection_keeps_its_datagram_framing() {
         let (proto, c) = udp_chat();
         let saved = c.save(crate::Protocol::name(&proto)).unwrap();
+        assert_eq!(Connection::saved_protocol(&saved).unwrap(), "chat");
         let mut c = Connection::restore(&proto, &saved).unwrap();
         assert_eq!(datagram(&mut c, b"PING"), ["PONG\n"]);
     }
