@@ -1,4 +1,7 @@
-//! Serves the `binproto` example protocol with the library's server:
+//! Serves the `binproto` example protocol beside the built-in chat, with
+//! the library's server: clients of EMQX's listener on port 7994 speak
+//! binproto, those of every other listener chat (`--listener PORT=binproto`
+//! picks another port, `--protocol` the default):
 //!
 //! ```sh
 //! cargo run --example binproto -- serve --listen 127.0.0.1:9001 --emqx http://127.0.0.1:9100
@@ -38,9 +41,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let Command::Serve(args) = Cli::parse().command;
+    let mut config = args.to_config();
+    if !config.listeners.iter().any(|(_, name)| name == "binproto") {
+        config.listeners.push((7994, "binproto".into()));
+    }
     // The one line that registers the protocol.
-    let mut adapter = Server::builder(args.to_config())
-        .protocol(Arc::new(protocol::BinProto))
+    let mut adapter = Server::builder(config)
+        .register(Arc::new(protocol::BinProto))
         .start()
         .await?;
     let ended = adapter
