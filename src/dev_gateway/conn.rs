@@ -183,13 +183,10 @@ pub(crate) async fn run(
     let _ = socket.set_nodelay(true);
     let local = socket.local_addr().ok();
     let (reader, write_half) = socket.into_split();
-    let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
-    let span = tracing::Span::current();
-    tokio::spawn(write_loop(write_half, wrx).instrument(span));
     serve(
         shared,
         Source::Tcp(reader),
-        wtx,
+        |rx| write_loop(write_half, rx),
         (peer, local),
         pb::SocketType::Tcp,
         permit,
@@ -209,18 +206,17 @@ pub(crate) async fn run_datagrams(
     permit: OwnedSemaphorePermit,
 ) {
     let local = socket.local_addr().ok();
-    let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    tokio::spawn(async move {
-        while let Some(datagram) = wrx.recv().await {
+    let send = |mut rx: mpsc::Receiver<Bytes>| async move {
+        while let Some(datagram) = rx.recv().await {
             if let Err(e) = socket.send_to(&datagram, peer).await {
                 tracing::debug!(error = %e, "datagram not sent");
             }
         }
-    });
+    };
     serve(
         shared,
         Source::Datagrams(datagrams),
-        wtx,
+        send,
         (peer, local),
         pb::SocketType::Udp,
         permit,
@@ -228,16 +224,23 @@ pub(crate) async fn run_datagrams(
     .await;
 }
 
-async fn serve(
+/// Runs a connection whose bytes come from `reader` and whose `Send`s go
+/// to the task `writer` makes of its queue (run in the connection's span).
+async fn serve<W, F>(
     shared: Arc<Shared>,
     reader: Source,
-    wtx: mpsc::Sender<Bytes>,
+    writer: W,
     (peer, local): (SocketAddr, Option<SocketAddr>),
     socktype: pb::SocketType,
     _permit: OwnedSemaphorePermit,
-) {
+) where
+    W: FnOnce(mpsc::Receiver<Bytes>) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let (id, seq) = shared.registry.issue();
     let span = tracing::info_span!("conn", conn = %id);
+    let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
+    tokio::spawn(writer(wrx).instrument(span.clone()));
     let cap = shared.cfg.queue_limit;
     let (cmd_tx, cmds) = mpsc::channel(cap);
     let (deliver_tx, deliveries) = mpsc::channel(cap);

@@ -81,7 +81,7 @@ impl Driver {
     /// Counts a handler request until the guard drops.
     pub fn answering(&self) -> Answering<'_> {
         self.answering.fetch_add(1, Ordering::SeqCst);
-        self.started.fetch_add(1, Ordering::SeqCst);
+        self.started.fetch_add(1, Ordering::Relaxed);
         Answering(self)
     }
 
@@ -99,9 +99,9 @@ impl Driver {
                     notified.await;
                     continue;
                 }
-                let before = self.started.load(Ordering::SeqCst);
+                let before = self.started.load(Ordering::Relaxed);
                 tokio::time::sleep(settle).await;
-                if self.started.load(Ordering::SeqCst) == before
+                if self.started.load(Ordering::Relaxed) == before
                     && self.answering.load(Ordering::SeqCst) == 0
                 {
                     return;
