@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::exhook::HookConfig;
+use crate::protocol::lines::{check_template, LinesConfig};
 use crate::protocol::topic;
 use crate::protocol::{ClientidPolicy, ProtocolConfig};
 use crate::server::AdapterConfig;
@@ -112,6 +113,14 @@ pub fn parse_listener(s: &str) -> Result<ListenerProtocol, String> {
     })
 }
 
+fn parse_lines_topic(s: &str) -> Result<String, String> {
+    check_template(s, false).map(|()| s.to_owned())
+}
+
+fn parse_lines_filter(s: &str) -> Result<String, String> {
+    check_template(s, true).map(|()| s.to_owned())
+}
+
 pub fn parse_clientid_policy(s: &str) -> Result<ClientidPolicy, String> {
     s.trim().parse()
 }
@@ -162,6 +171,25 @@ pub struct ServeArgs {
     /// list, the config file a table (`[listener]` with `7994 = "lines"`).
     #[arg(long = "listener", env = "EXPROTO_LISTENER", value_delimiter = ',', value_parser = parse_listener, value_name = "PORT=PROTOCOL")]
     pub listeners: Vec<ListenerProtocol>,
+
+    /// `lines` protocol: where each record of a device goes;
+    /// `{clientid}` stands for the device's clientid.
+    #[arg(long, env = "EXPROTO_LINES_UP_TOPIC", default_value = "devices/{clientid}/up", value_parser = parse_lines_topic, value_name = "TEMPLATE")]
+    pub lines_up_topic: String,
+
+    /// `lines` protocol: the filter whose messages are written to the
+    /// device as lines.
+    #[arg(long, env = "EXPROTO_LINES_DOWN_TOPIC", default_value = "devices/{clientid}/down", value_parser = parse_lines_filter, value_name = "TEMPLATE")]
+    pub lines_down_topic: String,
+
+    /// `lines` protocol: where `online` and `offline` are published.
+    #[arg(long, env = "EXPROTO_LINES_STATUS_TOPIC", default_value = "devices/{clientid}/status", value_parser = parse_lines_topic, value_name = "TEMPLATE")]
+    pub lines_status_topic: String,
+
+    /// `lines` protocol: the qos of records, of the down subscription and
+    /// of the status.
+    #[arg(long, env = "EXPROTO_LINES_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub lines_qos: u8,
 
     /// EMQX keepalive started after CONNECT, in seconds; a client silent for
     /// about 1-2x this long is disconnected. 0 disables it.
@@ -408,6 +436,12 @@ impl ServeArgs {
                 who_max: self.who_max,
                 history_max: self.history_max,
                 clientid_policy: self.clientid_policy,
+                lines: LinesConfig {
+                    up_topic: self.lines_up_topic.clone(),
+                    down_topic: self.lines_down_topic.clone(),
+                    status_topic: self.lines_status_topic.clone(),
+                    qos: self.lines_qos,
+                },
             },
             driver: DriverConfig {
                 send_retry: self.send_retry,

@@ -500,6 +500,11 @@ impl ServerBuilder {
                 "an ExHook listener needs the presence settings (AdapterConfig::presence)"
             );
         }
+        config
+            .protocol
+            .lines
+            .validate()
+            .map_err(anyhow::Error::msg)?;
         let protocol = resolve_protocols(&config, &protocols, &registered)?;
         let emqx = match emqx {
             Some(emqx) => emqx,
@@ -942,7 +947,7 @@ mod tests {
     fn listeners_map_to_built_in_and_registered_protocols() {
         let other: Arc<dyn Protocol> = Arc::new(Other);
         let p = resolve_protocols(
-            &config("chat", &[(7994, "chat"), (7995, "other")]),
+            &config("chat", &[(7994, "lines"), (7995, "other")]),
             &[],
             std::slice::from_ref(&other),
         )
@@ -950,6 +955,7 @@ mod tests {
         let at = |port: u16| Some(SocketAddr::from(([127, 0, 0, 1], port)));
         assert_eq!(p.default().name(), "chat");
         assert_eq!(p.for_listener(at(7993)).name(), "chat");
+        assert_eq!(p.for_listener(at(7994)).name(), "lines");
         assert_eq!(p.for_listener(at(7995)).name(), "other");
         assert_eq!(p.for_listener(None).name(), "chat");
         assert_eq!(p.by_name("other").unwrap().name(), "other");
@@ -957,7 +963,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("unknown protocol \"lines2\" for listener port 7994 (known: chat, other)"),
+            e.contains(
+                "unknown protocol \"lines2\" for listener port 7994 (known: chat, lines, other)"
+            ),
             "{e}"
         );
         let e = resolve_protocols(&config("chat", &[(7994, "chat"), (7994, "chat")]), &[], &[])

@@ -337,7 +337,7 @@ async fn the_builder_refuses_what_it_cannot_serve() {
     .await;
     let e = refusal(unknown);
     assert!(
-        e.contains("unknown protocol \"nope\" for listener port 7994 (known: chat)"),
+        e.contains("unknown protocol \"nope\" for listener port 7994 (known: chat, lines)"),
         "{e}"
     );
 
@@ -353,7 +353,7 @@ async fn the_builder_refuses_what_it_cannot_serve() {
     config.protocol_name = "morse".into();
     let e = refusal(Server::builder(config).start().await);
     assert!(
-        e.contains("unknown protocol \"morse\" (known: chat)"),
+        e.contains("unknown protocol \"morse\" (known: chat, lines)"),
         "{e}"
     );
 }

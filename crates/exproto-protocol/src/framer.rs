@@ -15,6 +15,26 @@ use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::Action;
+
+/// Hands the lines written to `lines` so far to the driver: one
+/// [`Action::Send`] for a stream, one per line over a datagram transport
+/// (the driver packs them into datagrams of whole lines).
+pub fn send_lines(lines: &mut BytesMut, datagram: bool, out: &mut Vec<Action>) {
+    if lines.is_empty() {
+        return;
+    }
+    let mut lines = lines.split().freeze();
+    if datagram {
+        while let Some(lf) = memchr::memchr(b'\n', &lines) {
+            out.push(Action::Send(lines.split_to(lf + 1)));
+        }
+    }
+    if !lines.is_empty() {
+        out.push(Action::Send(lines));
+    }
+}
+
 /// One unit the framer hands out, in stream order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {

@@ -9,7 +9,8 @@
 //! tested with plain function calls and fuzzed with arbitrary byte chunks.
 //!
 //! Also here, because everything that handles MQTT topics needs them: the
-//! topic rules ([`topic`]). Built in: the chat protocol ([`chat`]).
+//! topic rules ([`topic`]). Built in: the chat protocol ([`chat`]) and
+//! `lines`, text records from devices ([`lines`]).
 //!
 //! Adding a protocol: a module that implements [`Protocol`] (in this crate
 //! plus one line in [`by_name`], or in your own crate handed to the
@@ -18,6 +19,7 @@
 pub mod chat;
 pub mod connection;
 pub mod framer;
+pub mod lines;
 pub mod rate;
 pub mod state;
 pub mod testing;
@@ -326,6 +328,18 @@ pub trait Session: Send {
     }
 }
 
+/// EMQX's keepalive (`StartTimer`) in whole seconds, rounded up so it is never 0 (which
+/// EMQX refuses); `None` when keepalive is off.
+pub fn keepalive_secs(keepalive: Duration) -> Option<u32> {
+    if keepalive.is_zero() {
+        return None;
+    }
+    let secs = keepalive
+        .as_secs()
+        .saturating_add(u64::from(keepalive.subsec_nanos() > 0));
+    Some(u32::try_from(secs).unwrap_or(u32::MAX))
+}
+
 /// Seed data the driver gives a new session, so the session itself needs no
 /// randomness or clock.
 #[derive(Debug, Clone, Copy, Default)]
@@ -357,6 +371,8 @@ pub struct ProtocolConfig {
     pub history_max: usize,
     /// Which clientids a user may take (`--clientid-policy`).
     pub clientid_policy: ClientidPolicy,
+    /// The `lines` protocol's topics and qos.
+    pub lines: lines::LinesConfig,
 }
 
 /// Which clientid a logged-in user may take. EMQX discards the older
@@ -409,6 +425,7 @@ impl Default for ProtocolConfig {
             who_max: 100,
             history_max: 100,
             clientid_policy: ClientidPolicy::Username,
+            lines: lines::LinesConfig::default(),
         }
     }
 }
@@ -445,6 +462,19 @@ pub trait Protocol: Send + Sync + 'static {
     }
 }
 
+/// The `ERR` line a line protocol (chat, lines) sends a socket it will not
+/// serve ([`Protocol::refusal_bytes`]).
+pub fn refusal_line(refusal: Refusal) -> Bytes {
+    match refusal {
+        Refusal::TooManyConnections => Bytes::from_static(b"ERR 429 :too many connections\n"),
+        Refusal::ShuttingDown => Bytes::from_static(b"ERR 503 :shutting down\n"),
+    }
+}
+
+/// The `ERR` line a line protocol sends a client whose session the
+/// adapter does not have ([`Protocol::lost_session_bytes`]).
+pub const LOST_SESSION_LINE: &[u8] = b"ERR 500 :session lost, reconnect\n";
+
 /// Why the driver turns a new socket away without making a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -477,12 +507,13 @@ impl std::fmt::Display for ClientidPolicy {
 }
 
 /// Names accepted by [`by_name`].
-pub const NAMES: &[&str] = &["chat"];
+pub const NAMES: &[&str] = &["chat", "lines"];
 
 /// The built-in protocol called `name`, or `None`.
 pub fn by_name(name: &str, config: &ProtocolConfig) -> Option<Arc<dyn Protocol>> {
     match name {
         "chat" => Some(Arc::new(chat::Chat::new(config.clone()))),
+        "lines" => Some(Arc::new(lines::Lines::new(config.clone()))),
         _ => None,
     }
 }

@@ -67,6 +67,29 @@ impl Harness {
         h
     }
 
+    /// A connection restored from what [`Connection::save`] wrote (e.g.
+    /// `h.connection().save(name)` of another harness), its requests
+    /// answered by `script`: to check that a session goes on where the
+    /// saved one stopped.
+    ///
+    /// # Errors
+    /// State `protocol` cannot read.
+    pub fn restored(
+        protocol: &dyn Protocol,
+        saved: &[u8],
+        script: Script,
+    ) -> Result<Self, crate::state::StateError> {
+        let mut h = Self {
+            connection: Connection::restore(protocol, saved)?,
+            now_ms: 0,
+            script,
+            requests: Vec::new(),
+            output: BytesMut::new(),
+        };
+        h.settle();
+        Ok(h)
+    }
+
     /// Feeds bytes from the client (one read, or one datagram).
     pub fn bytes(&mut self, bytes: &[u8]) {
         self.event(Event::Bytes(Bytes::copy_from_slice(bytes)));

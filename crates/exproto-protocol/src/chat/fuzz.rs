@@ -222,6 +222,7 @@ pub fn run_session(data: &[u8]) -> Vec<u8> {
         },
         who_max: 1 + usize::from(s.byte() % 4),
         history_max: 1 + usize::from(s.byte() % 4),
+        lines: crate::lines::LinesConfig::default(),
     };
     let chat = Chat::new(config.clone());
     let mut session = chat.new_session(SessionInit { random: 42 });

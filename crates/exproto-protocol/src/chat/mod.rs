@@ -65,12 +65,9 @@ impl Protocol for Chat {
         )?))
     }
     fn lost_session_bytes(&self) -> Bytes {
-        Bytes::from_static(b"ERR 500 :session lost, reconnect\n")
+        Bytes::from_static(crate::LOST_SESSION_LINE)
     }
     fn refusal_bytes(&self, refusal: Refusal) -> Bytes {
-        match refusal {
-            Refusal::TooManyConnections => Bytes::from_static(b"ERR 429 :too many connections\n"),
-            Refusal::ShuttingDown => Bytes::from_static(b"ERR 503 :shutting down\n"),
-        }
+        crate::refusal_line(refusal)
     }
 }

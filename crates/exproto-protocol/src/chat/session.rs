@@ -7,23 +7,21 @@
 //! [`Action::Send`] per `handle` (or one before each call), so a chunk of a
 //! thousand commands costs one send.
 
+use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::time::Duration;
-
-use bytes::{Bytes, BytesMut};
 
 use super::command::{text_value, Command, Reject};
 use super::encode;
 use super::escape::unescape;
 use super::parser::{parse_line, ParseError};
-use crate::framer::{Frame, LineFramer};
+use crate::framer::{send_lines, Frame, LineFramer};
 use crate::rate::TokenBucket;
 use crate::state::{Reader, StateError, Writer};
 use crate::topic;
 use crate::{
-    Action, Answer, Call, CallResult, Event, ProtocolConfig, Query, QueryError, Secret, Session,
-    SessionInit, TimerKind,
+    keepalive_secs, Action, Answer, Call, CallResult, Event, ProtocolConfig, Query, QueryError,
+    Secret, Session, SessionInit, TimerKind,
 };
 
 /// What came back for the call or query a command waited on.
@@ -140,18 +138,7 @@ impl ChatSession {
 
     /// Hands the lines written so far to the driver.
     fn flush(&mut self, out: &mut Vec<Action>) {
-        if self.out.is_empty() {
-            return;
-        }
-        let mut lines = self.out.split().freeze();
-        if self.datagram {
-            while let Some(lf) = memchr::memchr(b'\n', &lines) {
-                out.push(Action::Send(lines.split_to(lf + 1)));
-            }
-        }
-        if !lines.is_empty() {
-            out.push(Action::Send(lines));
-        }
+        send_lines(&mut self.out, self.datagram, out);
     }
 
     fn call(&mut self, call: Call, out: &mut Vec<Action>) {
@@ -492,18 +479,6 @@ impl ChatSession {
     }
 }
 
-/// EMQX's keepalive in whole seconds, rounded up so it is never 0 (which
-/// EMQX refuses); `None` when keepalive is off.
-fn keepalive_secs(keepalive: Duration) -> Option<u32> {
-    if keepalive.is_zero() {
-        return None;
-    }
-    let secs = keepalive
-        .as_secs()
-        .saturating_add(u64::from(keepalive.subsec_nanos() > 0));
-    Some(u32::try_from(secs).unwrap_or(u32::MAX))
-}
-
 /// The version of the chat session's saved state; a new build reads every
 /// earlier one.
 const STATE_VERSION: u8 = 1;
@@ -715,6 +690,7 @@ impl ChatSession {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
+    use std::time::Duration;
 
     use proptest::prelude::*;
 
