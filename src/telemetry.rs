@@ -15,17 +15,18 @@ use tokio::net::TcpListener;
 
 /// Sessions the adapter holds (gauge).
 pub const CONNECTIONS: &str = "exproto_connections";
-/// Handler events received, by `kind` (created, bytes, messages, timer, closed).
+/// Handler events received, by `kind` (created, bytes, messages, timer,
+/// closed) and `protocol` (`none` for a conn without a session).
 pub const EVENTS: &str = "exproto_events_total";
 /// Calls to EMQX, by `method` and `result` (EMQX's code, or `unreachable`).
 pub const EMQX_CALLS: &str = "exproto_emqx_calls_total";
 /// Time each EMQX call took, by `method`.
 pub const EMQX_CALL_SECONDS: &str = "exproto_emqx_call_duration_seconds";
-/// Bytes received from clients.
+/// Bytes received from clients, by `protocol`.
 pub const BYTES_IN: &str = "exproto_bytes_in_total";
-/// Bytes sent to clients (through EMQX's `Send`).
+/// Bytes sent to clients (through EMQX's `Send`), by `protocol`.
 pub const BYTES_OUT: &str = "exproto_bytes_out_total";
-/// Lines or frames a protocol could not parse.
+/// Lines or frames a protocol could not parse, by `protocol`.
 pub const PARSE_ERRORS: &str = "exproto_parse_errors_total";
 /// Hook server records (presence changes, messages) by `outcome`: queued,
 /// dropped (queue full), written, stored (new messages), rejected,
@@ -109,10 +110,23 @@ fn describe() {
     );
 }
 
-pub(crate) fn event(kind: &'static str, bytes: usize) {
-    counter!(EVENTS, "kind" => kind).increment(1);
+/// The `kind` label of a handler event.
+pub(crate) fn event_kind(event: &crate::protocol::Event) -> &'static str {
+    use crate::protocol::Event;
+    match event {
+        Event::Created(_) => "created",
+        Event::Bytes(_) => "bytes",
+        Event::Messages(_) => "messages",
+        Event::TimerFired(_) => "timer",
+        Event::Closed(_) => "closed",
+        Event::Deadline | Event::Reply(_) | Event::Answer(_) => "other",
+    }
+}
+
+pub(crate) fn event(kind: &'static str, protocol: &'static str, bytes: usize) {
+    counter!(EVENTS, "kind" => kind, "protocol" => protocol).increment(1);
     if bytes > 0 {
-        counter!(BYTES_IN).increment(bytes as u64);
+        counter!(BYTES_IN, "protocol" => protocol).increment(bytes as u64);
     }
 }
 
@@ -121,8 +135,8 @@ pub(crate) fn emqx_call(method: &'static str, result: &'static str, took: Durati
     histogram!(EMQX_CALL_SECONDS, "method" => method).record(took.as_secs_f64());
 }
 
-pub(crate) fn bytes_out(n: usize) {
-    counter!(BYTES_OUT).increment(n as u64);
+pub(crate) fn bytes_out(protocol: &'static str, n: usize) {
+    counter!(BYTES_OUT, "protocol" => protocol).increment(n as u64);
 }
 
 pub(crate) fn parse_errors(protocol: &'static str, n: u64) {

@@ -61,8 +61,8 @@ async fn metrics_count_what_clients_do() {
     };
     for want in [
         "exproto_connections{protocol=\"chat\"} 1",
-        "exproto_events_total{kind=\"created\"} 1",
-        "exproto_events_total{kind=\"messages\"} 1",
+        "exproto_events_total{kind=\"created\",protocol=\"chat\"} 1",
+        "exproto_events_total{kind=\"messages\",protocol=\"chat\"} 1",
         "exproto_emqx_calls_total{method=\"Publish\",result=\"success\"} 1",
         "exproto_emqx_calls_total{method=\"Authenticate\",result=\"success\"} 1",
         "exproto_emqx_call_duration_seconds_bucket{method=\"Subscribe\",le=\"5\"} 1",
@@ -81,8 +81,11 @@ async fn metrics_count_what_clients_do() {
             .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
     let sent_in = "CONNECT metered\nSUB chat/m\nPUB chat/m :hello\nFROB\n".len() as u64;
-    assert_eq!(counter("exproto_bytes_in_total"), sent_in);
-    assert!(counter("exproto_bytes_out_total") > 0);
+    assert_eq!(
+        counter("exproto_bytes_in_total{protocol=\"chat\"}"),
+        sent_in
+    );
+    assert!(counter("exproto_bytes_out_total{protocol=\"chat\"}") > 0);
 }
 
 #[tokio::test]

@@ -147,10 +147,6 @@ impl ConnectionAdapter for GrpcAdapter {
         let conn = conn.to_string();
         let this = self.clone();
         let method = op.method();
-        let sent = match &op {
-            Op::Send(b) => b.len(),
-            Op::Call(_) => 0,
-        };
         Box::pin(async move {
             let started = std::time::Instant::now();
             let fut = async {
@@ -268,9 +264,6 @@ impl ConnectionAdapter for GrpcAdapter {
                 Err(EmqxError::Unreachable(_)) => "unreachable",
             };
             telemetry::emqx_call(method, outcome, started.elapsed());
-            if result.is_ok() && sent > 0 {
-                telemetry::bytes_out(sent);
-            }
             result
         })
     }

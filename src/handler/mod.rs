@@ -13,7 +13,6 @@ use crate::pb::connection_unary_handler_server::ConnectionUnaryHandler;
 use crate::pb::{self, EmptySuccess};
 use crate::protocol::{ConnMeta, Event, Message, SockType, TimerKind};
 use crate::session::Driver;
-use crate::telemetry;
 use crate::upgrade;
 
 /// Serves `ConnectionUnaryHandler`: EMQX sends a conn's next event only
@@ -109,15 +108,6 @@ async fn handle(
     if conn.is_empty() {
         return Err(Status::invalid_argument("empty conn"));
     }
-    let (kind, bytes) = match &event {
-        Event::Created(_) => ("created", 0),
-        Event::Bytes(b) => ("bytes", b.len()),
-        Event::Messages(_) => ("messages", 0),
-        Event::TimerFired(_) => ("timer", 0),
-        Event::Closed(_) => ("closed", 0),
-        Event::Deadline | Event::Reply(_) | Event::Answer(_) => ("other", 0),
-    };
-    telemetry::event(kind, bytes);
     driver.dispatch(&conn, event, may_reorder).await;
     Ok(())
 }

@@ -296,9 +296,18 @@ impl Driver {
     /// overtake the conn's `OnSocketCreated`.
     pub async fn dispatch(self: &Arc<Self>, conn: &str, event: Event, may_reorder: bool) {
         let _busy = self.tasks.token();
+        let kind = telemetry::event_kind(&event);
+        let bytes_in = match &event {
+            Event::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        // The session's protocol, for the metrics; `none` for an event of a
+        // conn without one (held for its OnSocketCreated, or lost).
+        let mut protocol_name = "none";
         let entry = match event {
             Event::Created(ref meta) => {
                 let protocol = self.protocols.for_listener(meta.sockname).clone();
+                protocol_name = protocol.name();
                 match self.create(conn, event, &protocol) {
                     Ok(entry) => entry,
                     Err(refusal) => {
@@ -313,6 +322,7 @@ impl Driver {
             }
             Event::Closed(_) | Event::TimerFired(_) => match self.registry.get(conn) {
                 Some(e) => {
+                    protocol_name = e.protocol;
                     self.enqueue(&e, Item::Event(event));
                     Some(e)
                 }
@@ -329,6 +339,7 @@ impl Driver {
             },
             Event::Bytes(_) | Event::Messages(_) => match self.registry.get(conn) {
                 Some(e) => {
+                    protocol_name = e.protocol;
                     self.enqueue(&e, Item::Event(event));
                     Some(e)
                 }
@@ -341,6 +352,7 @@ impl Driver {
             // Only the driver itself makes these.
             Event::Deadline | Event::Reply(_) | Event::Answer(_) => None,
         };
+        telemetry::event(kind, protocol_name, bytes_in);
         if let Some(entry) = entry {
             self.wait_for_room(&entry).await;
         }
@@ -393,6 +405,7 @@ impl Driver {
             }
             return Err(refusal);
         }
+        debug!(%conn, protocol = protocol.name(), "session started");
         let session = protocol.new_session(SessionInit {
             random: rand::random(),
         });
@@ -428,11 +441,14 @@ impl Driver {
     /// Tells a new socket why it is not served, then closes it. One try
     /// each: a refused socket is not worth retries while EMQX struggles.
     async fn refuse(&self, conn: &str, refusal: Refusal, protocol: &dyn Protocol) {
-        debug!(%conn, ?refusal, "new socket refused");
+        debug!(%conn, protocol = protocol.name(), ?refusal, "new socket refused");
         let bytes = protocol.refusal_bytes(refusal);
         if !bytes.is_empty() {
-            if let Err(EmqxError::Gone) = self.calls.call(conn, Op::Send(bytes)).await {
-                return;
+            let n = bytes.len();
+            match self.calls.call(conn, Op::Send(bytes)).await {
+                Err(EmqxError::Gone) => return,
+                Ok(()) => telemetry::bytes_out(protocol.name(), n),
+                Err(_) => {}
             }
         }
         let _ = self.calls.call(conn, Op::Call(Call::Close)).await;
@@ -513,8 +529,11 @@ impl Driver {
         let this = self.clone();
         self.tasks.spawn(async move {
             // Which listener the conn came through is not known here.
-            let bytes = this.protocols.default().lost_session_bytes();
+            let protocol = this.protocols.default();
+            let bytes = protocol.lost_session_bytes();
+            let n = bytes.len();
             if this.calls.deliver(&conn, Op::Send(bytes)).await.is_ok() {
+                telemetry::bytes_out(protocol.name(), n);
                 let _ = this.calls.deliver(&conn, Op::Call(Call::Close)).await;
             }
         });

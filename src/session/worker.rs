@@ -62,7 +62,7 @@ impl Driver {
             };
             let Some(item) = item else {
                 // Nothing more to merge with: send, then look again.
-                let flow = self.flush(&entry.conn, &mut connection).await;
+                let flow = self.flush(&entry, &mut connection).await;
                 self.budget.release(std::mem::take(&mut unsent));
                 if let Flow::End(why) = flow {
                     self.end(&entry, why);
@@ -101,7 +101,7 @@ impl Driver {
     }
 
     fn end(&self, entry: &Arc<Entry>, why: &'static str) {
-        debug!(conn = %entry.conn, why, "session ended");
+        debug!(conn = %entry.conn, protocol = entry.protocol, why, "session ended");
         // Before the entry leaves the map: a cancel sent after it could
         // cancel the wake-up of a new session of the same conn.
         if entry.wake_at(None) {
@@ -135,7 +135,7 @@ impl Driver {
         let mut closed = false;
         match item {
             Item::Probe => {
-                if let Flow::End(why) = self.flush(conn, connection).await {
+                if let Flow::End(why) = self.flush(entry, connection).await {
                     return Flow::End(why);
                 }
                 return match self.calls.call(conn, Op::Send(bytes::Bytes::new())).await {
@@ -159,7 +159,7 @@ impl Driver {
             let is_close = request == Request::Call(Call::Close);
             if carried || is_close {
                 carried = false;
-                if let Flow::End(why) = self.flush(conn, connection).await {
+                if let Flow::End(why) = self.flush(entry, connection).await {
                     return Flow::End(why);
                 }
             }
@@ -167,7 +167,7 @@ impl Driver {
                 Request::Query(query) => {
                     Event::Answer(queries::answer(self.store.as_ref(), conn, query).await)
                 }
-                Request::Call(call) => match self.call(conn, call).await {
+                Request::Call(call) => match self.call(entry, call).await {
                     Ok(result) => Event::Reply(result),
                     Err(Gone) => return Flow::End("gone"),
                 },
@@ -175,7 +175,7 @@ impl Driver {
             connection.handle(outcome, self.registry.now_ms());
         }
         if closed {
-            if let Flow::End(why) = self.flush(conn, connection).await {
+            if let Flow::End(why) = self.flush(entry, connection).await {
                 return Flow::End(why);
             }
             return Flow::End("closed");
@@ -186,13 +186,14 @@ impl Driver {
     }
 
     /// One call a session asked for, in the terms it needs for its reply.
-    async fn call(&self, conn: &str, call: Call) -> Result<CallResult, Gone> {
+    async fn call(&self, entry: &Entry, call: Call) -> Result<CallResult, Gone> {
+        let (conn, protocol) = (&*entry.conn, entry.protocol);
         if let Call::Authenticate {
             clientid, username, ..
         } = &call
         {
             if !self.config.clientid_policy.allows(clientid, username) {
-                debug!(%conn, %clientid, %username, "clientid not allowed for this user");
+                debug!(%conn, protocol, %clientid, %username, "clientid not allowed for this user");
                 return Ok(CallResult::Denied(CLIENTID_NOT_ALLOWED.into()));
             }
         }
@@ -215,9 +216,9 @@ impl Driver {
         };
         if reply != CallResult::Ok {
             if loud {
-                warn!(%conn, method, ?reply, "EMQX call failed");
+                warn!(%conn, protocol, method, ?reply, "EMQX call failed");
             } else {
-                debug!(%conn, method, ?reply, "EMQX call failed");
+                debug!(%conn, protocol, method, ?reply, "EMQX call failed");
             }
         }
         Ok(reply)
@@ -225,7 +226,8 @@ impl Driver {
 
     /// Sends the connection's waiting output, if any; ends the session when
     /// EMQX says the connection is gone.
-    async fn flush(&self, conn: &str, connection: &mut Connection) -> Flow {
+    async fn flush(&self, entry: &Entry, connection: &mut Connection) -> Flow {
+        let conn = &*entry.conn;
         if !connection.has_output() {
             return Flow::Continue;
         }
@@ -236,8 +238,11 @@ impl Driver {
             vec![connection.take_output()]
         };
         for bytes in sends {
-            if let Err(EmqxError::Gone) = self.calls.deliver(conn, Op::Send(bytes)).await {
-                return Flow::End("gone");
+            let n = bytes.len();
+            match self.calls.deliver(conn, Op::Send(bytes)).await {
+                Ok(()) => telemetry::bytes_out(entry.protocol, n),
+                Err(EmqxError::Gone) => return Flow::End("gone"),
+                Err(_) => {}
             }
         }
         Flow::Continue
