@@ -457,9 +457,16 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::DevGateway(args) => {
             let gateway = DevGateway::start(args.into_config()?).await?;
+            let mut clients: Vec<String> = gateway
+                .client_addrs()
+                .iter()
+                .map(|a| format!("tcp {a}"))
+                .collect();
+            clients.extend(gateway.tls_addr().map(|a| format!("ssl {a}")));
+            clients.extend(gateway.udp_addr().map(|a| format!("udp {a}")));
             tracing::info!(
                 "dev gateway ready: clients on {}, ConnectionAdapter on {}",
-                gateway.client_addr(),
+                clients.join(", "),
                 gateway.adapter_addr()
             );
             shutdown_signal().await;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::auth::{DenyRule, EmqxCompat, Users};
+use super::tls::TlsListen;
 
 /// Which of the two handler services EMQX calls (`handler.service_name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -28,6 +29,11 @@ pub enum HandlerMode {
 pub struct GatewayConfig {
     /// Where raw TCP clients connect (EMQX's exproto listener, `7993`).
     pub listen: SocketAddr,
+    /// More TCP listeners, as EMQX's gateway may have several (each its
+    /// own port, so the adapter can tell them apart by `sockname`).
+    pub also_listen: Vec<SocketAddr>,
+    /// A TLS listener (EMQX's `ssl` listener); `None`: none.
+    pub tls_listen: Option<TlsListen>,
     /// Where UDP clients send datagrams (EMQX's exproto UDP listener); one
     /// connection per peer address. `None`: no UDP listener.
     pub udp_listen: Option<SocketAddr>,
@@ -87,6 +93,8 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7993)),
+            also_listen: Vec::new(),
+            tls_listen: None,
             udp_listen: None,
             adapter_listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
             handler: "http://127.0.0.1:9001".to_owned(),
@@ -168,9 +176,58 @@ impl GatewayConfig {
 /// same environment do not leak into it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
-    /// Address for raw TCP chat clients (EMQX's exproto TCP listener).
-    #[arg(long, env = "EXPROTO_GATEWAY_LISTEN", default_value = "127.0.0.1:7993")]
-    pub listen: SocketAddr,
+    /// Address for raw TCP clients (EMQX's exproto TCP listener). Repeat
+    /// the flag (comma-separated in the environment variable) for several
+    /// listeners, as EMQX may have, e.g. one per protocol.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:7993",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Address for TLS clients (EMQX's exproto `ssl` listener), with
+    /// --tls-cert and --tls-key. Off if unset.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_TLS_LISTEN",
+        value_name = "ADDR",
+        requires_all = ["tls_cert", "tls_key"]
+    )]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// PEM certificate chain of the TLS listener.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_listen"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_listen"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) for client certificates on the TLS listener:
+    /// a client that presents one it did not sign is refused, one that
+    /// presents none is let in (EMQX's `verify_peer` without
+    /// `fail_if_no_peer_cert`), and a certificate's CN reaches the adapter
+    /// in ConnInfo.peercert. Without it no certificate is asked for.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "tls_listen"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Address for UDP chat clients (EMQX's exproto UDP listener): each
     /// peer address is one connection, each datagram one `OnReceivedBytes`.
@@ -310,8 +367,24 @@ impl GatewayArgs {
             Some(path) => Some(Users::load(path)?),
             None => None,
         };
+        let (listen, also_listen) = self
+            .listen
+            .split_first()
+            .context("--listen needs an address")?;
+        let tls_listen = match (self.tls_listen, self.tls_cert, self.tls_key) {
+            (Some(addr), Some(cert), Some(key)) => Some(TlsListen {
+                addr,
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            (None, ..) => None,
+            _ => anyhow::bail!("--tls-listen needs --tls-cert and --tls-key"),
+        };
         let cfg = GatewayConfig {
-            listen: self.listen,
+            listen: *listen,
+            also_listen: also_listen.to_vec(),
+            tls_listen,
             udp_listen: self.udp_listen,
             adapter_listen: self.adapter_listen,
             handler: self.handler,
@@ -405,6 +478,39 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         gw: GatewayArgs,
+    }
+
+    #[test]
+    fn listeners_repeat_and_tls_needs_its_files() {
+        let cfg = Cli::parse_from([
+            "x",
+            "--listen",
+            "127.0.0.1:7993",
+            "--listen",
+            "127.0.0.1:7994",
+        ])
+        .gw
+        .into_config()
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 7993);
+        assert_eq!(cfg.also_listen, ["127.0.0.1:7994".parse().unwrap()]);
+        assert_eq!(cfg.tls_listen, None);
+        let cfg = Cli::parse_from([
+            "x",
+            "--tls-listen",
+            "127.0.0.1:7995",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ])
+        .gw
+        .into_config()
+        .unwrap();
+        let tls = cfg.tls_listen.unwrap();
+        assert_eq!((tls.addr.port(), tls.client_ca), (7995, None));
+        assert!(Cli::try_parse_from(["x", "--tls-listen", "127.0.0.1:7995"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_err());
     }
 
     #[test]

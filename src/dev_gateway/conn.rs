@@ -39,8 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::task::{JoinError, JoinHandle};
@@ -125,10 +124,10 @@ struct Keepalive {
     next_check: Instant,
 }
 
-/// Where a connection's bytes come from: a TCP socket, or the datagrams
-/// of one UDP peer, which the listener hands over one by one.
+/// Where a connection's bytes come from: a byte stream (TCP, TLS), or the
+/// datagrams of one UDP peer, which the listener hands over one by one.
 pub(crate) enum Source {
-    Tcp(OwnedReadHalf),
+    Stream(Box<dyn AsyncRead + Send + Sync + Unpin>),
     Datagrams(mpsc::Receiver<Bytes>),
 }
 
@@ -185,10 +184,53 @@ pub(crate) async fn run(
     let (reader, write_half) = socket.into_split();
     serve(
         shared,
-        Source::Tcp(reader),
+        Source::Stream(Box::new(reader)),
         |rx| write_loop(write_half, rx),
         (peer, local),
-        pb::SocketType::Tcp,
+        (pb::SocketType::Tcp, None),
+        permit,
+    )
+    .await;
+}
+
+/// Runs one socket of the TLS listener: the handshake first (a client that
+/// fails it, or takes longer than the idle timeout, is closed without a
+/// handler call, as EMQX does), then as a TCP connection whose
+/// `ConnInfo` says `SSL` and carries the client certificate, if any.
+pub(crate) async fn run_tls(
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    socket: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().ok();
+    let handshake = tokio::time::timeout(shared.cfg.idle_timeout, acceptor.accept(socket));
+    let stream = match handshake.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let peercert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| super::tls::peercert(cert));
+    let (reader, writer) = tokio::io::split(stream);
+    serve(
+        shared,
+        Source::Stream(Box::new(reader)),
+        |rx| write_loop(writer, rx),
+        (peer, local),
+        (pb::SocketType::Ssl, peercert),
         permit,
     )
     .await;
@@ -218,7 +260,7 @@ pub(crate) async fn run_datagrams(
         Source::Datagrams(datagrams),
         send,
         (peer, local),
-        pb::SocketType::Udp,
+        (pb::SocketType::Udp, None),
         permit,
     )
     .await;
@@ -231,7 +273,7 @@ async fn serve<W, F>(
     reader: Source,
     writer: W,
     (peer, local): (SocketAddr, Option<SocketAddr>),
-    socktype: pb::SocketType,
+    (socktype, peercert): (pb::SocketType, Option<pb::CertificateInfo>),
     _permit: OwnedSemaphorePermit,
 ) where
     W: FnOnce(mpsc::Receiver<Bytes>) -> F,
@@ -258,7 +300,7 @@ async fn serve<W, F>(
             socktype: socktype as i32,
             peername: Some(address(peer)),
             sockname: local.map(address),
-            peercert: None,
+            peercert,
         }),
     };
     let streams = match shared.cfg.handler_mode {
@@ -315,7 +357,7 @@ fn address(addr: SocketAddr) -> pb::Address {
     }
 }
 
-async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+async fn write_loop(mut w: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(chunk) = rx.recv().await {
         match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&chunk)).await {
             Ok(Ok(())) => {}
@@ -342,7 +384,7 @@ async fn join_opt<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
 /// The next read or datagram; empty at the end of the stream.
 async fn read_opt(r: Option<&mut Source>, buf: &mut [u8], enabled: bool) -> io::Result<Bytes> {
     match r {
-        Some(Source::Tcp(r)) if enabled => {
+        Some(Source::Stream(r)) if enabled => {
             let n = r.read(buf).await?;
             Ok(Bytes::copy_from_slice(&buf[..n]))
         }

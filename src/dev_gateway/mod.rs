@@ -43,6 +43,7 @@ mod mqtt;
 mod registry;
 mod router;
 mod shared;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -73,6 +74,7 @@ use self::mqtt::MqttRouter;
 use self::registry::Registry;
 use self::router::{MemoryRouter, Router};
 use self::shared::{Counters, Shared};
+pub use self::tls::TlsListen;
 
 /// How long `shutdown` waits for connection processes to end.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,7 +94,9 @@ pub struct GatewayStats {
 
 /// A running dev gateway. Dropping it stops everything too, without waiting.
 pub struct DevGateway {
-    client_addr: SocketAddr,
+    /// `listen` first, then `also_listen`.
+    client_addrs: Vec<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     udp_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     adapter: Arc<AdapterServer>,
@@ -102,7 +106,7 @@ pub struct DevGateway {
 impl std::fmt::Debug for DevGateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DevGateway")
-            .field("client_addr", &self.client_addr)
+            .field("client_addrs", &self.client_addrs)
             .field("adapter_addr", &self.adapter.addr())
             .finish_non_exhaustive()
     }
@@ -119,10 +123,29 @@ impl DevGateway {
     /// broker.
     pub async fn start(cfg: GatewayConfig) -> anyhow::Result<DevGateway> {
         cfg.validate()?;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("cannot listen for clients on {}", cfg.listen))?;
-        let client_addr = listener.local_addr()?;
+        let mut listeners = Vec::new();
+        for at in std::iter::once(&cfg.listen).chain(&cfg.also_listen) {
+            let listener = TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen for clients on {at}"))?;
+            listeners.push((listener, None));
+        }
+        let client_addrs = listeners
+            .iter()
+            .map(|(l, _)| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let tls_addr = match &cfg.tls_listen {
+            Some(tls) => {
+                let acceptor = tls::acceptor(tls)?;
+                let listener = TcpListener::bind(tls.addr)
+                    .await
+                    .with_context(|| format!("cannot listen for TLS clients on {}", tls.addr))?;
+                let addr = listener.local_addr()?;
+                listeners.push((listener, Some(acceptor)));
+                Some(addr)
+            }
+            None => None,
+        };
         let udp = match cfg.udp_listen {
             Some(at) => {
                 Some(Arc::new(UdpSocket::bind(at).await.with_context(|| {
@@ -177,7 +200,9 @@ impl DevGateway {
                 )
             })?;
         tracing::info!(
-            clients = %client_addr,
+            clients = ?client_addrs,
+            tls = ?tls_addr,
+            udp = ?udp_addr,
             adapter = %adapter.addr(),
             handler = %shared.cfg.handler,
             mode = ?shared.cfg.handler_mode,
@@ -188,9 +213,10 @@ impl DevGateway {
             "dev gateway started"
         );
         let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
-        let accept_task = tokio::spawn(accept_loop(listener, udp, shared.clone(), limit));
+        let accept_task = tokio::spawn(accept_loop(listeners, udp, shared.clone(), limit));
         Ok(DevGateway {
-            client_addr,
+            client_addrs,
+            tls_addr,
             udp_addr,
             shared,
             adapter,
@@ -198,9 +224,19 @@ impl DevGateway {
         })
     }
 
-    /// Where TCP clients connect.
+    /// Where TCP clients connect (`listen`).
     pub fn client_addr(&self) -> SocketAddr {
-        self.client_addr
+        self.client_addrs[0]
+    }
+
+    /// Every TCP listener's address: `listen`, then each of `also_listen`.
+    pub fn client_addrs(&self) -> &[SocketAddr] {
+        &self.client_addrs
+    }
+
+    /// Where TLS clients connect, with `tls_listen`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Where UDP clients send datagrams, with `udp_listen`.
@@ -270,29 +306,45 @@ impl Drop for DevGateway {
     }
 }
 
+/// Accepts on every TCP listener (plain, or TLS with its acceptor) and
+/// starts the UDP listener, until shutdown; then waits for every
+/// connection to end.
 async fn accept_loop(
-    listener: TcpListener,
+    listeners: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
     udp: Option<Arc<UdpSocket>>,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
 ) {
+    use futures::StreamExt as _;
     let mut conns = JoinSet::new();
     if let Some(udp) = udp {
         conns.spawn(datagram_loop(udp, shared.clone(), limit.clone()));
     }
+    let mut accepted = futures::stream::select_all(listeners.into_iter().map(|(listener, tls)| {
+        tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .map(move |socket| (socket, tls.clone()))
+    }));
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((socket, peer)) => match limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        conns.spawn(conn::run(shared.clone(), socket, peer, permit));
+            Some((socket, tls)) = accepted.next() => match socket {
+                Ok(socket) => {
+                    let Ok(peer) = socket.peer_addr() else { continue };
+                    match limit.clone().try_acquire_owned() {
+                        Ok(permit) => match tls {
+                            Some(tls) => {
+                                conns.spawn(conn::run_tls(shared.clone(), tls, socket, peer, permit));
+                            }
+                            None => {
+                                conns.spawn(conn::run(shared.clone(), socket, peer, permit));
+                            }
+                        },
+                        Err(_) => {
+                            tracing::warn!(%peer, "connection limit reached, socket closed");
+                        }
                     }
-                    Err(_) => {
-                        tracing::warn!(%peer, "connection limit reached, socket closed");
-                    }
-                },
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -300,7 +352,7 @@ async fn accept_loop(
             },
         }
     }
-    drop(listener);
+    drop(accepted);
     while conns.join_next().await.is_some() {}
 }
 

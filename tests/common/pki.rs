@@ -19,6 +19,7 @@ pub struct Pki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -71,7 +72,19 @@ impl Pki {
             client_cert: write("client.pem", &client_cert),
             client_key: write("client.key", &client_key),
             dir,
+            issuer: ca,
         }
+    }
+
+    /// A client certificate whose CN is `cn`, signed by this CA: its PEM
+    /// certificate and key files.
+    pub fn client_named(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = leaf(&self.issuer, &[cn], ExtendedKeyUsagePurpose::ClientAuth);
+        let cert_path = self.dir.join(format!("{cn}.pem"));
+        let key_path = self.dir.join(format!("{cn}.key"));
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        (cert_path, key_path)
     }
 
     fn read(path: &PathBuf) -> Vec<u8> {

@@ -42,6 +42,15 @@ impl Stack {
         gateway: impl FnOnce(&mut GatewayConfig),
         adapter: impl FnOnce(&mut AdapterConfig),
     ) -> Stack {
+        Stack::start_with(gateway, |_, a| adapter(a)).await
+    }
+
+    /// [`Stack::start`] whose adapter settings may depend on the running
+    /// gateway (e.g. the ports its listeners got).
+    pub async fn start_with(
+        gateway: impl FnOnce(&mut GatewayConfig),
+        adapter: impl FnOnce(&DevGateway, &mut AdapterConfig),
+    ) -> Stack {
         // The adapter's port is bound first so the gateway can be told
         // where its handler is; the gateway's ConnectionAdapter port is then
         // known to the adapter, whose EMQX client connects lazily.
@@ -57,7 +66,7 @@ impl Stack {
             call_timeout: Duration::from_secs(2),
             ..AdapterConfig::default()
         };
-        adapter(&mut acfg);
+        adapter(&gw, &mut acfg);
         let emqx = GrpcAdapter::new(&acfg.emqx, acfg.call_timeout).unwrap();
         let running = Server::builder(acfg)
             .handler_listener(listener)
