@@ -263,3 +263,59 @@ impl ConnectionHandler for StreamHandler {
         streaming(&self.driver, req, messages, MESSAGES).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What EMQX's `dtls` listener sends, which the dev gateway cannot:
+    /// a datagram transport with a client certificate.
+    #[test]
+    fn conninfo_becomes_the_sessions_meta() {
+        let (conn, event) = created(pb::SocketCreatedRequest {
+            conn: "c1".into(),
+            conninfo: Some(pb::ConnInfo {
+                socktype: pb::SocketType::Dtls as i32,
+                peername: Some(pb::Address {
+                    host: "10.0.0.7".into(),
+                    port: 50_000,
+                }),
+                sockname: Some(pb::Address {
+                    host: "0.0.0.0".into(),
+                    port: 7995,
+                }),
+                peercert: Some(pb::CertificateInfo {
+                    cn: "sensor-7".into(),
+                    dn: "CN=sensor-7".into(),
+                }),
+            }),
+        });
+        assert_eq!(conn, "c1");
+        let Event::Created(meta) = event else {
+            panic!("{event:?}")
+        };
+        assert!(meta.socktype.is_datagram());
+        assert_eq!(meta.socktype, SockType::Dtls);
+        assert_eq!(meta.peer, Some("10.0.0.7:50000".parse().unwrap()));
+        assert_eq!(meta.sockname.map(|a| a.port()), Some(7995));
+        assert_eq!(meta.cert_cn.as_deref(), Some("sensor-7"));
+
+        // An empty CN (a listener without verify_peer) is no identity; an
+        // unknown transport is framed as a stream.
+        let (_, event) = created(pb::SocketCreatedRequest {
+            conn: "c2".into(),
+            conninfo: Some(pb::ConnInfo {
+                socktype: 99,
+                peercert: Some(pb::CertificateInfo::default()),
+                ..pb::ConnInfo::default()
+            }),
+        });
+        let Event::Created(meta) = event else {
+            panic!("{event:?}")
+        };
+        assert_eq!(
+            (meta.socktype, meta.cert_cn, meta.peer),
+            (SockType::Tcp, None, None)
+        );
+    }
+}

@@ -981,6 +981,26 @@ mod tests {
     }
 
     #[test]
+    fn over_dtls_the_certificate_and_the_datagrams_both_count() {
+        let meta = ConnMeta {
+            socktype: SockType::Dtls,
+            cert_cn: Some("s1".into()),
+            ..ConnMeta::default()
+        };
+        let mut h = Harness::with(&lines(), meta, Box::new(answer_ok));
+        h.bytes(b"a=1\na=2");
+        h.bytes(b"a=3");
+        assert_eq!(
+            calls(&h)[4..],
+            [
+                publish("devices/s1/up", b"a=1"),
+                publish("devices/s1/up", b"a=2"),
+                publish("devices/s1/up", b"a=3")
+            ]
+        );
+    }
+
+    #[test]
     fn a_saved_session_goes_on_where_it_stopped() {
         let protocol = lines();
         let mut h = Harness::new(&protocol);
