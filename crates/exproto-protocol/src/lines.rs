@@ -1022,4 +1022,91 @@ mod tests {
     fn any_split_of_the_stream_gives_the_same_calls() {
         assert_same_at_every_split(&lines(), b"t=0\nID dev1 u p\nrec1\n\nrec2\r\nID x\n");
     }
+
+    fn arbitrary_result() -> impl proptest::strategy::Strategy<Value = CallResult> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => Just(CallResult::Ok),
+            1 => Just(CallResult::Denied("no".into())),
+            1 => Just(CallResult::Failed("crash".into())),
+            1 => Just(CallResult::Unreachable),
+        ]
+    }
+
+    fn arbitrary_event() -> impl proptest::strategy::Strategy<Value = Event> {
+        use proptest::prelude::*;
+        let chunk = prop_oneof![
+            Just(b"ID dev\n".to_vec()),
+            Just(b"ID a/b\n".to_vec()),
+            Just(b"rec\n".to_vec()),
+            Just(b"\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..16),
+        ];
+        prop_oneof![
+            6 => chunk.prop_map(|b| Event::Bytes(Bytes::from(b))),
+            1 => Just(Event::Messages(vec![Message {
+                payload: Bytes::from_static(b"down"),
+                ..Message::default()
+            }])),
+            1 => Just(Event::TimerFired(TimerKind::Keepalive)),
+            1 => Just(Event::Deadline),
+            1 => Just(Event::Closed("normal".into())),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives and whatever EMQX answers: no panic, records go
+        /// up only for a logged-in device, status only to its own topic,
+        /// `offline` at most once and only after `online`, and nothing
+        /// but calls that end a session once the socket is gone.
+        #[test]
+        fn arbitrary_events_keep_the_rules(
+            udp in proptest::bool::ANY,
+            cert in proptest::bool::ANY,
+            events in proptest::collection::vec(arbitrary_event(), 0..24),
+            results in proptest::collection::vec(arbitrary_result(), 0..12),
+        ) {
+            let mut results = results.into_iter();
+            let script: Script = Box::new(move |r| match r {
+                Request::Call(_) => Event::Reply(results.next().unwrap_or(CallResult::Ok)),
+                other => answer_ok(other),
+            });
+            let meta = ConnMeta {
+                socktype: if udp { SockType::Udp } else { SockType::Tcp },
+                cert_cn: cert.then(|| "dev".to_owned()),
+                ..ConnMeta::default()
+            };
+            let config = ProtocolConfig { max_line: 8, ..ProtocolConfig::default() };
+            let mut h = Harness::with(&Lines::new(config), meta, script);
+            for event in events {
+                h.event(event);
+            }
+            let calls = calls(&h);
+            let mut authenticated = false;
+            let (mut online, mut offline) = (0, 0);
+            for c in &calls {
+                match c {
+                    Call::Authenticate { .. } => authenticated = true,
+                    Call::Publish { topic, .. } => {
+                        proptest::prop_assert!(authenticated, "{calls:?}");
+                        proptest::prop_assert_eq!(topic, "devices/dev/up");
+                    }
+                    Call::RawPublish { topic, payload, .. } => {
+                        proptest::prop_assert_eq!(topic, "devices/dev/status");
+                        if payload.as_ref() == b"online" { online += 1 } else { offline += 1 }
+                        proptest::prop_assert!(offline <= online, "{calls:?}");
+                    }
+                    _ => {}
+                }
+            }
+            proptest::prop_assert!(online <= 1 && offline <= 1, "{calls:?}");
+            let wire = h.take_output_text();
+            for line in wire.lines() {
+                proptest::prop_assert!(
+                    line.starts_with("OK ") || line.starts_with("ERR ") || line == "down",
+                    "unexpected line {:?}", line
+                );
+            }
+        }
+    }
 }
