@@ -74,10 +74,6 @@ fn parse_list_max(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
-/// Parses `--clientid-policy` (`username` or `any`).
-///
-/// # Errors
-/// Any other word.
 /// `--listener`'s value: an EMQX listener's port and its protocol's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerProtocol {
@@ -121,6 +117,10 @@ fn parse_lines_filter(s: &str) -> Result<String, String> {
     check_template(s, true).map(|()| s.to_owned())
 }
 
+/// Parses `--clientid-policy` (`username` or `any`).
+///
+/// # Errors
+/// Any other word.
 pub fn parse_clientid_policy(s: &str) -> Result<ClientidPolicy, String> {
     s.trim().parse()
 }
@@ -162,8 +162,15 @@ pub struct ServeArgs {
     pub emqx: String,
 
     /// Protocol the clients speak, on every EMQX listener that --listener
-    /// does not map to another.
-    #[arg(long, env = "EXPROTO_PROTOCOL", default_value = "chat", value_parser = clap::builder::PossibleValuesParser::new(crate::protocol::NAMES))]
+    /// does not map to another: a built-in one (chat, lines) or one the
+    /// binary registers; an unknown name stops the start, naming the
+    /// known ones.
+    #[arg(
+        long,
+        env = "EXPROTO_PROTOCOL",
+        default_value = "chat",
+        value_name = "NAME"
+    )]
     pub protocol: String,
 
     /// The protocol of one EMQX listener, by its port (ConnInfo.sockname):

@@ -45,6 +45,33 @@ fn serve_command() -> Command {
     ServeArgs::augment_args(Command::new("serve").no_binary_name(true))
 }
 
+/// A binary's command line (`argv`, program name first) with the settings
+/// of its `--config` file added, when its subcommand is one of
+/// `subcommands` (each taking `serve`'s flags); and which settings came
+/// from the file. A binary of its own that serves with [`ServeArgs`]
+/// reads the file this way too.
+///
+/// # Errors
+/// The file cannot be read or parsed, has an unknown key, or a bad value.
+pub fn argv_with_file(
+    mut argv: Vec<OsString>,
+    subcommands: &[&str],
+) -> Result<(Vec<OsString>, BTreeSet<String>), ConfigFileError> {
+    let sub = argv
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy())
+        .find(|a| !a.starts_with('-'));
+    let uses_file = sub.is_some_and(|s| subcommands.contains(&s.as_ref()));
+    let path = config_path(argv.get(1..).unwrap_or_default()).filter(|_| uses_file);
+    let Some(path) = path else {
+        return Ok((argv, BTreeSet::new()));
+    };
+    let (extra, from_file) = file_args(&path, &argv[1..])?;
+    argv.extend(extra);
+    Ok((argv, from_file))
+}
+
 /// The value of `--config` (or `EXPROTO_CONFIG`) in `argv`, if any.
 pub fn config_path(argv: &[OsString]) -> Option<PathBuf> {
     let mut it = argv.iter().map(|a| a.to_string_lossy().into_owned());

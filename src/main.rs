@@ -349,26 +349,6 @@ async fn run_until_signalled(
     }
 }
 
-/// The command line with a `--config` file's settings added, for `serve`
-/// and `config`; and which settings came from the file.
-fn with_config_file(
-    mut argv: Vec<std::ffi::OsString>,
-) -> anyhow::Result<(Vec<std::ffi::OsString>, std::collections::BTreeSet<String>)> {
-    let sub = argv
-        .iter()
-        .skip(1)
-        .map(|a| a.to_string_lossy())
-        .find(|a| !a.starts_with('-'));
-    let uses_file = matches!(sub.as_deref(), Some("serve" | "config"));
-    let path = config_file::config_path(&argv[1..]).filter(|_| uses_file);
-    let Some(path) = path else {
-        return Ok((argv, Default::default()));
-    };
-    let (extra, from_file) = config_file::file_args(&path, &argv[1..])?;
-    argv.extend(extra);
-    Ok((argv, from_file))
-}
-
 async fn metrics_on(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -427,7 +407,8 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let (argv, from_file) = with_config_file(std::env::args_os().collect())?;
+    let (argv, from_file) =
+        config_file::argv_with_file(std::env::args_os().collect(), &["serve", "config"])?;
     let matches = Cli::command().get_matches_from(argv);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // A benchmark's output is its report; per-connection info logs from the

@@ -69,7 +69,7 @@ async fn sessions_survive_a_sigkill_and_a_restart() {
             assert_eq!(c.ask("PING").await, "PONG", "client {i}");
         }
     }
-    // The half-received line may be lost (PROTOCOL.md): what follows works.
+    // The half-received line may be lost (the chat protocol in the README): what follows works.
     clients[3].send("NG\n").await;
     let reply = clients[3].line().await;
     assert!(

@@ -1,6 +1,6 @@
 //! Chat over UDP, end to end: the dev gateway's UDP listener (one
 //! connection per peer, one `OnReceivedBytes` per datagram, as EMQX's),
-//! the adapter's datagram framing and reply packing (PROTOCOL.md,
+//! the adapter's datagram framing and reply packing (the chat protocol in the README,
 //! datagram transports), real sockets.
 
 mod e2e_support;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use exproto_adapter::config::ServeArgs;
+use exproto_adapter::config_file;
 use exproto_adapter::server::{Ended, Server};
 
 /// An ExProto handler for a length-prefixed binary protocol.
@@ -40,7 +41,9 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Serve(args) = Cli::parse().command;
+    // `--config FILE` as for the product's own `serve`.
+    let (argv, _) = config_file::argv_with_file(std::env::args_os().collect(), &["serve"])?;
+    let Command::Serve(args) = Cli::parse_from(argv).command;
     let mut config = args.to_config();
     if !config.listeners.iter().any(|(_, name)| name == "binproto") {
         config.listeners.push((7994, "binproto".into()));

@@ -18,10 +18,16 @@
 //!
 //! Frames are cut by tokio-util's `LengthDelimitedCodec`, whose `Decoder`
 //! works on the session's own buffer, so the session stays sans-IO.
+//!
+//! Over UDP and DTLS each datagram holds whole frames: a frame cut short
+//! by the end of its datagram is answered `bad request` (or dropped when
+//! not even its type came) and the next datagram starts afresh, so a lost
+//! datagram costs only its own frames.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use exproto_adapter::protocol::{
     topic, Action, Call, CallResult, Event, ProtoVer, Protocol, Secret, Session, SessionInit,
+    SockType,
 };
 use tokio_util::codec::{Decoder as _, LengthDelimitedCodec};
 
@@ -107,6 +113,9 @@ pub struct BinSession {
     waiting: Option<u8>,
     /// Set by a successful CONNECT until its reply is written.
     connecting: bool,
+    /// Over UDP or DTLS `buf` holds one datagram: the next one comes only
+    /// once no call is out, and by then this one is used up.
+    datagram: bool,
 }
 
 impl Default for BinSession {
@@ -118,6 +127,7 @@ impl Default for BinSession {
             closing: false,
             waiting: None,
             connecting: false,
+            datagram: false,
         }
     }
 }
@@ -132,6 +142,13 @@ impl BinSession {
                     let frame = frame.freeze();
                     (frame[0], self.command(frame[0], frame.slice(HEAD..)))
                 }
+                // The end of a datagram ends its frames: one cut short
+                // (or announcing more than a datagram holds) is answered,
+                // and only it is lost.
+                Ok(None) | Err(_) if self.datagram => match self.drop_cut_frame() {
+                    Some(kind) => (kind, Step::Reply(&[BAD])),
+                    None => break,
+                },
                 Ok(None) => break,
                 // An oversized frame: what follows it cannot be found. A
                 // close needs no frame type.
@@ -155,6 +172,16 @@ impl BinSession {
             }
         }
         flush(&mut reply, out);
+    }
+
+    /// Drops what is left of the datagram (a frame its end cut short);
+    /// returns that frame's type, if any of it came.
+    fn drop_cut_frame(&mut self) -> Option<u8> {
+        let cut = self.buf.first().copied();
+        self.buf.clear();
+        // The decoder may have read the cut frame's head already.
+        self.decoder = decoder();
+        cut
     }
 
     fn command(&mut self, kind: u8, body: Bytes) -> Step {
@@ -224,6 +251,10 @@ fn split_topic(body: &Bytes) -> Option<(String, Bytes)> {
 }
 
 impl Session for BinSession {
+    fn set_transport(&mut self, socktype: SockType) {
+        self.datagram = socktype.is_datagram();
+    }
+
     fn handle(&mut self, event: Event, out: &mut Vec<Action>) {
         match event {
             Event::Bytes(b) if !self.closing => {
@@ -292,6 +323,38 @@ mod tests {
             s.handle(Event::Reply(r), &mut out);
         }
         (wire, calls)
+    }
+
+    #[test]
+    fn over_udp_a_cut_frame_costs_only_its_datagram() {
+        use exproto_adapter::protocol::testing::{answer_ok, Harness};
+        use exproto_adapter::protocol::ConnMeta;
+        let udp = ConnMeta {
+            socktype: SockType::Udp,
+            ..ConnMeta::default()
+        };
+        let mut h = Harness::with(&BinProto, udp, Box::new(answer_ok));
+        // A whole CONNECT, then a SUB that the datagram's end cuts short.
+        let sub = frame(SUB, b"a/b");
+        h.bytes(&[frame(CONNECT, b"dev1"), sub.slice(..4)].concat());
+        // The rest of that SUB would have been the next datagram; it was
+        // lost, and the next one starts with a frame of its own.
+        h.bytes(&frame(PING, &[]));
+        // A datagram announcing more than it holds.
+        h.bytes(&[PUB, 0xff, 0xff, 0]);
+        h.bytes(&[PING]);
+        assert_eq!(
+            h.take_output(),
+            [
+                frame(REPLY | CONNECT, &[OK]),
+                frame(REPLY | SUB, &[BAD]),
+                frame(REPLY | PING, &[]),
+                frame(REPLY | PUB, &[BAD]),
+                frame(REPLY | PING, &[BAD]),
+            ]
+            .concat()
+        );
+        assert_eq!(h.requests().len(), 1, "only the CONNECT reached EMQX");
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub const CLIENTID_NOT_ALLOWED: &str = "clientid not allowed for this user";
 /// How the driver treats EMQX and connections; see the CLI for each.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
-    /// How long a reply that could not reach EMQX is retried (PROTOCOL.md:
+    /// How long a reply that could not reach EMQX is retried (the chat protocol in the README:
     /// the 503 itself travels through EMQX).
     pub send_retry: Duration,
     /// How long events for a conn are held while waiting for its
@@ -378,7 +378,7 @@ impl Driver {
         }
         let now = self.registry.now_ms();
         // The login deadline runs from the moment the adapter first heard
-        // of the conn (PROTOCOL.md), which for held events is the first of
+        // of the conn (the chat protocol in the README), which for held events is the first of
         // them. The wait's own deadline goes with the orphan.
         let (held, heard_ms) = match &mut slot {
             dashmap::Entry::Occupied(o) => {

@@ -250,7 +250,7 @@ async fn a_created_wait_deadline_never_reaches_the_session_created_meanwhile() {
     assert_eq!(f.next_call().await.1, send("OK CONNECT a\n"));
 }
 
-/// PROTOCOL.md: the login deadline runs from the moment the adapter first
+/// The chat protocol: the login deadline runs from the moment the adapter first
 /// hears of the conn, which for bytes that overtook `OnSocketCreated` is
 /// when they came, not when the socket's creation did.
 #[tokio::test(start_paused = true)]

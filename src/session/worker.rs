@@ -231,7 +231,7 @@ impl Driver {
         if !connection.has_output() {
             return Flow::Continue;
         }
-        // Over UDP and DTLS each Send is one datagram (PROTOCOL.md).
+        // Over UDP and DTLS each Send is one datagram (the chat protocol in the README).
         let sends = if connection.is_datagram() {
             connection.take_datagrams(MAX_DATAGRAM)
         } else {

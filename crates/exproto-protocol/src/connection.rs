@@ -178,7 +178,7 @@ impl Connection {
 
     /// The output, packed into as few datagrams as the session's sends
     /// allow, each at most `max` bytes unless one send alone is longer
-    /// (then it goes alone); a send is never split (PROTOCOL.md: datagram
+    /// (then it goes alone); a send is never split (the chat protocol in the README: datagram
     /// transports).
     pub fn take_datagrams(&mut self, max: usize) -> Vec<Bytes> {
         let Some(busy) = self.busy.as_mut() else {

@@ -87,7 +87,7 @@ impl LineFramer {
     /// Frames datagrams (`true`) rather than a byte stream: each pushed
     /// chunk then holds whole lines, the last one ending with the chunk,
     /// LF or not, and nothing carries over into the next chunk, so a lost
-    /// datagram costs only its own lines (PROTOCOL.md, datagram
+    /// datagram costs only its own lines (the chat protocol in the README, datagram
     /// transports).
     pub fn set_datagram(&mut self, datagram: bool) {
         self.datagram = datagram;

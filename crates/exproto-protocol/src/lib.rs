@@ -288,7 +288,7 @@ pub trait Session: Send {
 
     /// Tells the session its transport, before its first event and again
     /// after a restore. Over a datagram transport (UDP, DTLS) each
-    /// `Event::Bytes` is one whole datagram, and PROTOCOL.md's datagram
+    /// `Event::Bytes` is one whole datagram, and the datagram
     /// rules apply: a session framing with [`framer::LineFramer`] passes
     /// this on ([`framer::LineFramer::set_datagram`]) and needs nothing
     /// else; the driver packs the output into datagrams. The default
@@ -360,7 +360,7 @@ pub struct ProtocolConfig {
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
     /// Publishes per second one connection may make; 0 is no limit (the
-    /// default, as PROTOCOL.md says). Bursts up to one second's worth.
+    /// default, as the chat protocol says). Bursts up to one second's worth.
     pub max_publish_rate: u32,
     /// Whether the presence and history service is there to answer
     /// [`Query`]s; without it protocols refuse the commands that need it.

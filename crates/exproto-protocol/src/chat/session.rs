@@ -250,7 +250,7 @@ impl ChatSession {
             } => {
                 let topic = text_value(raw_topic, "topic")?;
                 topic::validate_name(&topic)?;
-                // After the topic rules (400), as PROTOCOL.md orders; only
+                // After the topic rules (400), as the chat protocol orders; only
                 // a publish that goes to EMQX takes a token.
                 if let Some(bucket) = &mut self.publish_bucket {
                     if !bucket.try_take(self.now_ms) {
