@@ -32,6 +32,10 @@ pub const PARSE_ERRORS: &str = "exproto_parse_errors_total";
 /// dropped (queue full), written, stored (new messages), rejected,
 /// abandoned (unwritten at shutdown).
 pub const HOOK_RECORDS: &str = "exproto_hook_records_total";
+/// Presence rows repaired without a disconnect from EMQX, by `cause`:
+/// `node_started`, `node_stopped`, and reconciliation's `removed` and
+/// `added`.
+pub const PRESENCE_REPAIRED: &str = "exproto_presence_repaired_total";
 
 /// Makes a Prometheus recorder the process's metrics recorder and serves
 /// its text on `listener` at `GET /metrics`, until `accepting` is
@@ -105,6 +109,10 @@ fn describe() {
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes sent to clients.");
     describe_counter!(PARSE_ERRORS, "Lines or frames that could not be parsed.");
     describe_counter!(
+        PRESENCE_REPAIRED,
+        "Presence rows repaired without a disconnect from EMQX, by cause."
+    );
+    describe_counter!(
         HOOK_RECORDS,
         "Hook server records (presence changes and messages), by outcome."
     );
@@ -145,6 +153,10 @@ pub(crate) fn parse_errors(protocol: &'static str, n: u64) {
 
 pub(crate) fn connections(protocol: &'static str, delta: f64) {
     gauge!(CONNECTIONS, "protocol" => protocol).increment(delta);
+}
+
+pub(crate) fn presence_repaired(cause: &'static str, n: u64) {
+    counter!(PRESENCE_REPAIRED, "cause" => cause).increment(n);
 }
 
 pub(crate) fn hook_records(outcome: &'static str, n: u64) {

@@ -96,6 +96,7 @@ macro_rules! suite {
 
 suite!(
     presence_is_upserted_listed_and_removed,
+    a_node_is_cleared_of_clients_from_before_a_time,
     who_lists_in_byte_order_with_the_total,
     who_prefixes_are_literal,
     history_ignores_a_duplicate_id,
@@ -164,6 +165,27 @@ async fn presence_is_upserted_listed_and_removed(t: Target) {
     assert_eq!(s.presence_list("", 100).await.unwrap(), page(1, &["alice"]));
     // Removing what is not there is no error.
     s.presence_remove("nobody", "n1").await.unwrap();
+}
+
+async fn a_node_is_cleared_of_clients_from_before_a_time(t: Target) {
+    let s = &*t.store;
+    let at = |clientid: &str, node: &str, ms: u64| Presence {
+        connected_at_ms: ms,
+        ..presence(clientid, node)
+    };
+    s.presence_upsert(at("old", "n1", 1_000)).await.unwrap();
+    s.presence_upsert(at("edge", "n1", 2_000)).await.unwrap();
+    s.presence_upsert(at("new", "n1", 3_000)).await.unwrap();
+    s.presence_upsert(at("other", "n2", 1_000)).await.unwrap();
+    assert_eq!(s.presence_clear_node("n1", 2_000).await.unwrap(), 1);
+    assert_eq!(
+        s.presence_list("", 100).await.unwrap(),
+        page(3, &["edge", "new", "other"]),
+        "strictly before the time, and only that node's"
+    );
+    assert_eq!(s.presence_clear_node("n3", u64::MAX).await.unwrap(), 0);
+    assert_eq!(s.presence_clear_node("n1", 10_000).await.unwrap(), 2);
+    assert_eq!(s.presence_list("", 100).await.unwrap(), page(1, &["other"]));
 }
 
 async fn who_lists_in_byte_order_with_the_total(t: Target) {

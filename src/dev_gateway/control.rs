@@ -99,6 +99,52 @@ impl Faults {
         self.adapter.is_running().await
     }
 
+    /// The node stops as EMQX's does on `emqx stop`: it unloads the hook
+    /// provider (`OnProviderUnloaded`, after the hook calls already made),
+    /// then closes every client socket, their disconnects unreported: the
+    /// hooks are gone by then. Until [`Faults::start_node`] nothing is
+    /// reported to the hook server; the gateway still takes clients.
+    pub async fn stop_node(&self) {
+        if let Some(hooks) = &self.shared.exhook {
+            hooks.unload().await;
+        }
+        self.close_all().await;
+    }
+
+    /// The node dies: every client socket closes and nothing at all is
+    /// reported, not even `OnProviderUnloaded`.
+    pub async fn crash_node(&self) {
+        if let Some(hooks) = &self.shared.exhook {
+            hooks.crash().await;
+        }
+        self.close_all().await;
+    }
+
+    /// The node starts again after [`Faults::stop_node`] or
+    /// [`Faults::crash_node`]: its uptime starts from zero and it loads
+    /// the hook provider, as EMQX does at boot.
+    pub async fn start_node(&self) {
+        if let Some(hooks) = &self.shared.exhook {
+            hooks.load(true).await;
+        }
+    }
+
+    /// The hook server's settings change (an update through EMQX's
+    /// dashboard or REST API): the node unloads the provider and loads it
+    /// again at once; its clients stay connected.
+    pub async fn reload_hooks(&self) {
+        if let Some(hooks) = &self.shared.exhook {
+            hooks.unload().await;
+            hooks.load(false).await;
+        }
+    }
+
+    async fn close_all(&self) {
+        for conn in self.shared.registry.live() {
+            let _ = conn.tx.send(ConnCmd::Kick).await;
+        }
+    }
+
     /// Kicks a connection as EMQX's management API would: its socket
     /// closes and `OnSocketClosed{"{shutdown,kicked}"}` follows. Returns
     /// false when `conn` is not live.

@@ -36,11 +36,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -165,13 +165,25 @@ impl Call {
     }
 }
 
+/// What the node tells the calling task, besides hook calls.
+#[derive(Debug)]
+enum Ctl {
+    /// The node stops: send what is queued, then `OnProviderUnloaded`
+    /// (unless it crashes: `false`), then say so.
+    Unload(oneshot::Sender<()>, bool),
+    /// The node started again: load the provider.
+    Load,
+}
+
 /// What the queue side and the calling task share.
 #[derive(Debug)]
 struct State {
     node: String,
-    started: Instant,
-    /// Set once, by the first successful load.
-    registered: OnceLock<Registered>,
+    /// When the node started: `BrokerInfo.uptime` counts from here.
+    started: Mutex<Instant>,
+    /// Set by a successful load, cleared when the node unloads the
+    /// provider.
+    registered: RwLock<Option<Arc<Registered>>>,
     sent: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
@@ -184,6 +196,7 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct HookClient {
     tx: mpsc::Sender<Call>,
+    ctl: mpsc::Sender<Ctl>,
     state: Arc<State>,
     faults: Arc<FaultState>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -203,10 +216,11 @@ impl HookClient {
     ) -> anyhow::Result<Self> {
         let channel = channel(url)?;
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (ctl, ctl_rx) = mpsc::channel(4);
         let state = Arc::new(State {
             node: node.to_owned(),
-            started: Instant::now(),
-            registered: OnceLock::new(),
+            started: Mutex::new(Instant::now()),
+            registered: RwLock::new(None),
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -218,9 +232,10 @@ impl HookClient {
             url: url.to_owned(),
             failing: false,
         };
-        let task = tokio::spawn(caller.run(rx, shutdown));
+        let task = tokio::spawn(caller.run(rx, ctl_rx, shutdown));
         Ok(Self {
             tx,
+            ctl,
             state,
             faults,
             task: std::sync::Mutex::new(Some(task)),
@@ -246,8 +261,7 @@ impl HookClient {
     pub fn message_publish(&self, msg: &pb::Message) {
         let wanted = self
             .state
-            .registered
-            .get()
+            .loaded()
             .is_some_and(|r| r.wants_publish(&msg.topic));
         if !wanted {
             return;
@@ -272,10 +286,10 @@ impl HookClient {
     /// The counters as they are now.
     pub fn stats(&self) -> ExhookStats {
         let s = &self.state;
-        let registered = s.registered.get();
+        let registered = s.loaded();
         ExhookStats {
             loaded: registered.is_some(),
-            hooks: registered.map(Registered::names).unwrap_or_default(),
+            hooks: registered.map(|r| r.names()).unwrap_or_default(),
             sent: s.sent.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
@@ -302,7 +316,42 @@ impl HookClient {
     }
 
     fn registered(&self, hook: &str) -> bool {
-        self.state.registered.get().is_some_and(|r| r.has(hook))
+        self.state.loaded().is_some_and(|r| r.has(hook))
+    }
+
+    /// The node stops, as EMQX's does: its hooks go at once (nothing new
+    /// is reported), the calls already made are sent, then
+    /// `OnProviderUnloaded`. Returns once that is done.
+    pub async fn unload(&self) {
+        self.stop(true).await;
+    }
+
+    /// The node dies: its hooks go, and nothing more is sent, not even
+    /// `OnProviderUnloaded`.
+    pub async fn crash(&self) {
+        self.stop(false).await;
+    }
+
+    async fn stop(&self, unload: bool) {
+        self.state.set_loaded(None);
+        let (ack, done) = oneshot::channel();
+        if self.ctl.send(Ctl::Unload(ack, unload)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Loads the provider again after [`HookClient::unload`] or
+    /// [`HookClient::crash`]: a node that starts again (`restarted`: its
+    /// uptime starts over), or one whose hook server settings changed.
+    pub async fn load(&self, restarted: bool) {
+        if restarted {
+            *self
+                .state
+                .started
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        }
+        let _ = self.ctl.send(Ctl::Load).await;
     }
 
     fn offer(&self, call: Call) {
@@ -330,6 +379,36 @@ impl HookClient {
     }
 }
 
+impl State {
+    fn loaded(&self) -> Option<Arc<Registered>> {
+        self.registered
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_loaded(&self, registered: Option<Registered>) {
+        *self
+            .registered
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = registered.map(Arc::new);
+    }
+
+    fn uptime(&self) -> Duration {
+        self.started
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+}
+
+/// How a loaded provider's service ended.
+enum Served {
+    Shutdown,
+    /// With `true` when `OnProviderUnloaded` is to be sent.
+    Unloaded(oneshot::Sender<()>, bool),
+}
+
 /// A lazily connected channel: the hook server may come up after the
 /// gateway.
 fn channel(url: &str) -> anyhow::Result<Channel> {
@@ -353,20 +432,71 @@ struct Caller {
 }
 
 impl Caller {
-    async fn run(mut self, mut rx: mpsc::Receiver<Call>, shutdown: CancellationToken) {
-        // Nothing is queued before a load succeeds (no hook is registered),
-        // so the queue needs no attention meanwhile.
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Call>,
+        mut ctl: mpsc::Receiver<Ctl>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            if !self.load_until_loaded(&mut ctl, &shutdown).await {
+                return;
+            }
+            match self.serve(&mut rx, &mut ctl, &shutdown).await {
+                Served::Shutdown => {
+                    self.unloaded().await;
+                    return;
+                }
+                Served::Unloaded(ack, true) => {
+                    // The calls made before the hooks went are sent.
+                    while let Ok(call) = rx.try_recv() {
+                        self.call(call).await;
+                    }
+                    self.unloaded().await;
+                    let _ = ack.send(());
+                }
+                Served::Unloaded(ack, false) => {
+                    // A crash loses what was queued.
+                    while rx.try_recv().is_ok() {}
+                    let _ = ack.send(());
+                }
+            }
+            // A stopped node: nothing until it starts again.
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    c = ctl.recv() => match c {
+                        Some(Ctl::Load) => break,
+                        Some(Ctl::Unload(ack, _)) => {
+                            let _ = ack.send(());
+                        }
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Loads the provider, trying again every [`RELOAD_EVERY`]; `false`
+    /// when the gateway stops first. Nothing is queued before a load
+    /// succeeds (no hook is registered), so the queue needs no attention
+    /// meanwhile.
+    async fn load_until_loaded(
+        &mut self,
+        ctl: &mut mpsc::Receiver<Ctl>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut warned = false;
         loop {
             let loaded = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return false,
                 r = self.load() => r,
             };
             match loaded {
                 Ok(registered) => {
                     tracing::info!(url = %self.url, hooks = ?registered.names(), "exhook provider loaded");
-                    let _ = self.state.registered.set(registered);
-                    break;
+                    self.state.set_loaded(Some(registered));
+                    return true;
                 }
                 Err(e) if !warned => {
                     warned = true;
@@ -375,25 +505,51 @@ impl Caller {
                 Err(e) => tracing::debug!(error = %e, "exhook provider still not loaded"),
             }
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return false,
                 () = tokio::time::sleep(RELOAD_EVERY) => {}
+                c = ctl.recv() => match c {
+                    // Not loaded: nothing to unload.
+                    Some(Ctl::Unload(ack, _)) => {
+                        let _ = ack.send(());
+                    }
+                    Some(Ctl::Load) => {}
+                    None => return false,
+                },
             }
         }
+    }
+
+    /// Makes the queued calls until the gateway stops or the node unloads
+    /// the provider.
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::Receiver<Call>,
+        ctl: &mut mpsc::Receiver<Ctl>,
+        shutdown: &CancellationToken,
+    ) -> Served {
         loop {
             let call = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => return Served::Shutdown,
+                c = ctl.recv() => match c {
+                    Some(Ctl::Unload(ack, unload)) => return Served::Unloaded(ack, unload),
+                    Some(Ctl::Load) => continue,
+                    None => return Served::Shutdown,
+                },
                 call = rx.recv() => match call {
                     Some(call) => call,
-                    None => break,
+                    None => return Served::Shutdown,
                 },
             };
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => return Served::Shutdown,
                 () = self.call(call) => {}
             }
         }
+    }
+
+    async fn unloaded(&mut self) {
         let unload = self
             .client
             .on_provider_unloaded(hpb::ProviderUnloadedRequest {
@@ -409,7 +565,7 @@ impl Caller {
             broker: Some(hpb::BrokerInfo {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 sysdescr: "exproto-adapter dev gateway (an EMQX stand-in)".to_owned(),
-                uptime: i64::try_from(self.state.started.elapsed().as_millis()).unwrap_or(i64::MAX),
+                uptime: i64::try_from(self.state.uptime().as_millis()).unwrap_or(i64::MAX),
                 datetime: rfc3339(SystemTime::now()),
             }),
             meta: Some(self.meta()),
@@ -642,11 +798,9 @@ mod tests {
             HookClient::start(&url, "n", Arc::new(FaultState::default()), shutdown.clone())
                 .unwrap();
         // Pretend the load went through; the calls then stall.
-        client
-            .state
-            .registered
-            .set(Registered::resolve(vec![spec("client.connected", &[])]).unwrap())
-            .unwrap();
+        client.state.set_loaded(Some(
+            Registered::resolve(vec![spec("client.connected", &[])]).unwrap(),
+        ));
         let info = client_info("n", "c", "", "chat", "127.0.0.1:1".parse().unwrap(), None);
         let started = std::time::Instant::now();
         let extra = 50;

@@ -116,6 +116,11 @@ impl Registry {
     pub fn len(&self) -> usize {
         self.conns.len()
     }
+
+    /// Every live connection process, at this moment.
+    pub fn live(&self) -> Vec<ConnHandle> {
+        self.conns.iter().map(|e| e.value().clone()).collect()
+    }
 }
 
 #[cfg(test)]

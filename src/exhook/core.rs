@@ -19,8 +19,38 @@ use crate::store::{now_ms, Presence, StoredMessage};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Record {
     Connected(Presence),
-    Disconnected { clientid: String, node: String },
+    Disconnected {
+        clientid: String,
+        node: String,
+    },
     Message(StoredMessage),
+    /// Every client of `node` that connected before `before_ms` is gone,
+    /// though EMQX reported no disconnect for them: why, for the metrics.
+    NodeCleared {
+        node: String,
+        before_ms: u64,
+        cause: ClearCause,
+    },
+}
+
+/// Why the clients of a node were taken for gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClearCause {
+    /// The node loaded the provider after a (re)start: no client from
+    /// before it can be connected.
+    NodeStarted,
+    /// The node unloaded the provider and did not load it again within
+    /// the grace: it stopped, closing its clients unreported.
+    NodeStopped,
+}
+
+impl ClearCause {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::NodeStarted => "node_started",
+            Self::NodeStopped => "node_stopped",
+        }
+    }
 }
 
 /// Counters of what the hook server did with what EMQX reported.
@@ -98,6 +128,12 @@ pub struct HookCore {
     /// Set while records are being dropped, so that an overload is logged
     /// when it starts and when it ends, not once per record.
     dropping: AtomicBool,
+    /// Nodes that unloaded the provider and have not loaded it again, by
+    /// the number of that unload: a stop is taken as such only if no load
+    /// came within `node_stop_grace`.
+    unloaded: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    unloads: AtomicU64,
+    node_stop_grace: std::time::Duration,
 }
 
 /// A hook EMQX should call, with the topic filters for message hooks.
@@ -112,13 +148,75 @@ impl HookCore {
         topics: Vec<String>,
         tx: mpsc::Sender<Record>,
         stats: Arc<HookStats>,
+        node_stop_grace: std::time::Duration,
     ) -> Self {
         Self {
             topics,
             tx,
             stats,
             dropping: AtomicBool::new(false),
+            unloaded: Default::default(),
+            unloads: AtomicU64::new(0),
+            node_stop_grace,
         }
+    }
+
+    /// `node` loaded the provider; its broker has been up `uptime_ms`
+    /// (EMQX's `BrokerInfo.uptime`, the Erlang VM's wall clock; `None`
+    /// when not told). Clients of that node from before its start are
+    /// gone: their disconnects were never reported if it stopped
+    /// unannounced, or after it unloaded the provider.
+    pub fn provider_loaded(&self, node: &str, uptime_ms: Option<u64>) {
+        self.unloaded_nodes().remove(node);
+        let Some(uptime_ms) = uptime_ms.filter(|_| !node.is_empty()) else {
+            return;
+        };
+        // No client of the node can have been reported between its start
+        // and this load (its hooks were not there yet), so every row
+        // older than its start is from before it.
+        let before_ms = now_ms().saturating_sub(uptime_ms);
+        self.repair(Record::NodeCleared {
+            node: node.to_owned(),
+            before_ms,
+            cause: ClearCause::NodeStarted,
+        });
+    }
+
+    /// `node` unloaded the provider. EMQX does that first when it stops
+    /// (about 0.1 s before it closes its clients, reporting none of their
+    /// disconnects), and also when the hook server's settings change
+    /// (then it loads it again at once). So the node's clients are taken
+    /// for gone only if it has not loaded the provider again within the
+    /// grace.
+    pub fn provider_unloaded(self: &Arc<Self>, node: &str) {
+        if node.is_empty() {
+            return;
+        }
+        let n = self.unloads.fetch_add(1, Ordering::Relaxed) + 1;
+        self.unloaded_nodes().insert(node.to_owned(), n);
+        let core = Arc::downgrade(self);
+        let node = node.to_owned();
+        let grace = self.node_stop_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(core) = core.upgrade() else { return };
+            let still = core.unloaded_nodes().get(&node) == Some(&n);
+            if still {
+                core.unloaded_nodes().remove(&node);
+                info!(%node, "EMQX node stopped: its clients are no longer listed as online");
+                core.repair(Record::NodeCleared {
+                    node,
+                    before_ms: now_ms(),
+                    cause: ClearCause::NodeStopped,
+                });
+            }
+        });
+    }
+
+    fn unloaded_nodes(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.unloaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The hooks to register in `OnProviderLoaded`: only those used.
@@ -184,6 +282,15 @@ impl HookCore {
 
     pub(crate) fn count_abandoned(&self, n: u64) {
         self.stats.add(Outcome::Abandoned, n);
+    }
+
+    /// Queues a repair of the adapter's own making: behind the hook
+    /// records before it, so it never overtakes a connect it must not
+    /// remove, and not counted as one of EMQX's.
+    fn repair(&self, record: Record) {
+        if let Err(e) = self.tx.try_send(record) {
+            warn!(record = ?e.into_inner(), "hook queue full: a presence repair is dropped");
+        }
     }
 
     fn offer(&self, record: Record) -> bool {

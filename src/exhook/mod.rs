@@ -61,6 +61,10 @@ pub struct HookConfig {
     pub retention: Retention,
     /// How often retention runs.
     pub retention_every: Duration,
+    /// How long after a node unloads the provider its clients are taken
+    /// for gone, unless it loads the provider again first (a settings
+    /// change, not a stop).
+    pub node_stop_grace: Duration,
 }
 
 impl Default for HookConfig {
@@ -74,6 +78,7 @@ impl Default for HookConfig {
                 max_age: Some(Duration::from_secs(7 * 24 * 3600)),
             },
             retention_every: Duration::from_secs(60),
+            node_stop_grace: Duration::from_secs(10),
         }
     }
 }
@@ -110,7 +115,12 @@ impl Hooks {
             config.retention_every,
         ));
         Self {
-            core: Arc::new(HookCore::new(config.history_topics.clone(), tx, stats)),
+            core: Arc::new(HookCore::new(
+                config.history_topics.clone(),
+                tx,
+                stats,
+                config.node_stop_grace,
+            )),
             shutdown,
             writer,
             retention,

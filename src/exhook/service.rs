@@ -59,9 +59,13 @@ macro_rules! hook_provider {
                     req: Request<pb::ProviderLoadedRequest>,
                 ) -> Result<Response<pb::LoadedResponse>, Status> {
                     let r = req.into_inner();
-                    let broker = r.broker.map(|b| b.version).unwrap_or_default();
+                    let (broker, uptime_ms) = r
+                        .broker
+                        .map(|b| (b.version, u64::try_from(b.uptime).ok()))
+                        .unwrap_or_default();
                     let node = r.meta.map(|m| m.node).unwrap_or_default();
-                    info!(api = stringify!($ver), %broker, %node, "EMQX loaded the hook provider");
+                    info!(api = stringify!($ver), %broker, %node, ?uptime_ms, "EMQX loaded the hook provider");
+                    self.core.provider_loaded(&node, uptime_ms);
                     let hooks = self
                         .core
                         .hooks()
@@ -80,6 +84,7 @@ macro_rules! hook_provider {
                 ) -> Result<Response<pb::EmptySuccess>, Status> {
                     let node = req.into_inner().meta.map(|m| m.node).unwrap_or_default();
                     info!(api = stringify!($ver), %node, "EMQX unloaded the hook provider");
+                    self.core.provider_unloaded(&node);
                     empty()
                 }
 

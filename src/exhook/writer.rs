@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::core::{HookStats, Outcome, Record};
+use super::core::{ClearCause, HookStats, Outcome, Record};
 use crate::store::{now_ms, Presence, Retention, Store, StoreError, StoredMessage};
 
 /// First pause after a failed write; it doubles up to [`MAX_BACKOFF`].
@@ -28,6 +28,7 @@ enum Write<'a> {
     Connected(&'a Presence),
     Disconnected(&'a str, &'a str),
     Messages(&'a [StoredMessage]),
+    ClearNode(&'a str, u64, ClearCause),
 }
 
 impl Write<'_> {
@@ -36,12 +37,24 @@ impl Write<'_> {
             Write::Connected(p) => store.presence_upsert((*p).clone()).await.map(|()| 0),
             Write::Disconnected(id, node) => store.presence_remove(id, node).await.map(|()| 0),
             Write::Messages(batch) => store.history_insert(batch).await,
+            Write::ClearNode(node, before_ms, cause) => {
+                let gone = store.presence_clear_node(node, *before_ms).await?;
+                if gone > 0 {
+                    info!(%node, clients = gone, cause = cause.label(), "presence repaired");
+                }
+                crate::telemetry::presence_repaired(cause.label(), gone);
+                // Not messages: nothing stored.
+                Ok(0)
+            }
         }
     }
 
+    /// How many of EMQX's hook records the write carries (a repair is
+    /// the adapter's own).
     fn records(&self) -> u64 {
         match self {
             Write::Messages(batch) => batch.len() as u64,
+            Write::ClearNode(..) => 0,
             _ => 1,
         }
     }
@@ -140,6 +153,17 @@ impl Writer {
                     }
                     at += 1;
                 }
+                Record::NodeCleared {
+                    node,
+                    before_ms,
+                    cause,
+                } => {
+                    let w = Write::ClearNode(node, *before_ms, *cause);
+                    if self.write_or_reject(w).await.is_err() {
+                        return Err(left);
+                    }
+                    at += 1;
+                }
                 Record::Message(_) => {
                     let run: Vec<StoredMessage> = records[at..]
                         .iter()
@@ -208,6 +232,9 @@ impl Writer {
             }
             Write::Disconnected(id, _) => {
                 warn!(clientid = %id, error = %e, "store refused a presence change; dropped");
+            }
+            Write::ClearNode(node, ..) => {
+                warn!(%node, error = %e, "store refused a presence repair; dropped");
             }
         }
     }

@@ -88,6 +88,17 @@ impl Store for FaultyStore {
         })
     }
 
+    fn presence_clear_node<'a>(
+        &'a self,
+        node: &'a str,
+        before_ms: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.presence_clear_node(node, before_ms).await
+        })
+    }
+
     fn presence_list<'a>(
         &'a self,
         prefix: &'a str,

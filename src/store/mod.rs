@@ -148,6 +148,19 @@ pub trait Store: Send + Sync + 'static {
         node: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Records as gone every client of `node` that connected before
+    /// `before_ms`: EMQX's node restarted (so none of them can still be
+    /// connected) or stopped without reporting their disconnects. Returns
+    /// how many rows went.
+    ///
+    /// # Errors
+    /// A database failure.
+    fn presence_clear_node<'a>(
+        &'a self,
+        node: &'a str,
+        before_ms: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
     /// The online clientids starting with `prefix` (all for an empty one):
     /// how many there are, and the first `limit` in byte order.
     ///

@@ -79,6 +79,22 @@ impl Store for PgStore {
         })
     }
 
+    fn presence_clear_node<'a>(
+        &'a self,
+        node: &'a str,
+        before_ms: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let done =
+                sqlx::query("DELETE FROM exproto_presence WHERE node = $1 AND connected_at < $2")
+                    .bind(node)
+                    .bind(to_db_ms(before_ms))
+                    .execute(&self.pool)
+                    .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
     fn presence_list<'a>(
         &'a self,
         prefix: &'a str,

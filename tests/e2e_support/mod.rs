@@ -84,6 +84,11 @@ impl Stack {
     /// server over the store at `store`, and the gateway reports to it as
     /// EMQX would. Returns once the gateway has loaded the hook provider.
     pub async fn presence(store: &str) -> Stack {
+        Stack::presence_with(store, |_| {}).await
+    }
+
+    /// [`Stack::presence`] with the hook server's settings adjusted.
+    pub async fn presence_with(store: &str, hooks: impl FnOnce(&mut HookConfig)) -> Stack {
         // Both adapter ports are bound first: the gateway must know them
         // before it starts, and the adapter must know the gateway's
         // ConnectionAdapter port before it starts. The gateway's first
@@ -95,6 +100,8 @@ impl Stack {
             GatewayConfig::for_tests(format!("http://{}", listener.local_addr().unwrap()));
         gcfg.exhook = Some(format!("http://{hook_addr}"));
         let gw = DevGateway::start(gcfg).await.unwrap();
+        let mut hook_config = HookConfig::default();
+        hooks(&mut hook_config);
         let acfg = AdapterConfig {
             listen: listener.local_addr().unwrap(),
             emqx: format!("http://{}", gw.adapter_addr()),
@@ -102,7 +109,7 @@ impl Stack {
             presence: Some(PresenceConfig {
                 exhook_listen: hook_addr,
                 store: StoreUrl::new(store),
-                hooks: HookConfig::default(),
+                hooks: hook_config,
                 read_timeout: Duration::from_secs(2),
             }),
             ..AdapterConfig::default()
