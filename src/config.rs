@@ -109,6 +109,15 @@ pub fn parse_listener(s: &str) -> Result<ListenerProtocol, String> {
     })
 }
 
+/// Clients one reconciliation pass reads per node at most.
+const RECONCILE_MAX_CLIENTS: usize = 100_000;
+
+fn parse_emqx_api(s: &str) -> Result<String, String> {
+    crate::exhook::EmqxApi::new(s, "check", &crate::protocol::Secret::default())
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 fn parse_lines_topic(s: &str) -> Result<String, String> {
     check_template(s, false).map(|()| s.to_owned())
 }
@@ -386,6 +395,42 @@ pub struct ServeArgs {
     #[arg(long, env = "EXPROTO_UPGRADE_TIMEOUT", default_value = "15", value_parser = parse_positive_seconds, value_name = "SECONDS")]
     pub upgrade_timeout: Duration,
 
+    /// EMQX's REST API (the dashboard listener, e.g.
+    /// `http://127.0.0.1:18083`): presence is checked against EMQX's own
+    /// client list after the hook server was away, after a node loads the
+    /// hook provider, and every --reconcile-every. Needs --emqx-api-key and
+    /// --emqx-api-secret. Off if unset: presence then follows the hooks
+    /// alone.
+    #[arg(long, env = "EXPROTO_EMQX_API", value_name = "URL", value_parser = parse_emqx_api, requires_all = ["emqx_api_key", "emqx_api_secret", "exhook_listen"])]
+    pub emqx_api: Option<String>,
+
+    /// The API key for --emqx-api (EMQX's dashboard, System, API Key).
+    #[arg(long, env = "EXPROTO_EMQX_API_KEY", value_name = "KEY", requires = "emqx_api", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub emqx_api_key: Option<String>,
+
+    /// The API key's secret. Never logged; prefer the environment variable
+    /// to the command line, where other users may see it.
+    #[arg(
+        long,
+        env = "EXPROTO_EMQX_API_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        requires = "emqx_api"
+    )]
+    pub emqx_api_secret: Option<String>,
+
+    /// Seconds between reconciliations of presence with --emqx-api.
+    #[arg(long, env = "EXPROTO_RECONCILE_EVERY", default_value = "300", value_parser = parse_positive_seconds, value_name = "SECONDS")]
+    pub reconcile_every: Duration,
+
+    /// Seconds after an EMQX node unloads the hook provider before its
+    /// clients are no longer listed as online, unless it loads the
+    /// provider again first (EMQX unloads then loads it when the hook
+    /// server's settings change; when it stops, it unloads it and closes
+    /// its clients without reporting them).
+    #[arg(long, env = "EXPROTO_NODE_STOP_GRACE", default_value = "10", value_parser = parse_seconds, value_name = "SECONDS")]
+    pub node_stop_grace: Duration,
+
     /// Hook records (presence changes, messages) waiting for the database
     /// at most; more are dropped and counted so EMQX is never held up.
     #[arg(long, env = "EXPROTO_EXHOOK_QUEUE", default_value_t = 10_000)]
@@ -419,9 +464,22 @@ impl ServeArgs {
                         .then_some(self.history_max_per_topic),
                     max_age: (!self.history_max_age.is_zero()).then_some(self.history_max_age),
                 },
+                node_stop_grace: self.node_stop_grace,
                 ..HookConfig::default()
             },
             read_timeout: self.call_timeout,
+            reconcile: self.emqx_api.as_ref().and_then(|url| {
+                let key = self.emqx_api_key.as_deref().unwrap_or_default();
+                let secret =
+                    crate::protocol::Secret::new(self.emqx_api_secret.clone().unwrap_or_default());
+                // Checked when parsed; a key is required with the URL.
+                let api = crate::exhook::EmqxApi::new(url, key, &secret).ok()?;
+                Some(crate::exhook::ReconcileConfig {
+                    api,
+                    every: self.reconcile_every,
+                    max_clients: RECONCILE_MAX_CLIENTS,
+                })
+            }),
         });
         AdapterConfig {
             listen: self.listen,

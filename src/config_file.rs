@@ -236,7 +236,7 @@ pub fn render(matches: &clap::ArgMatches, from_file: &BTreeSet<String>) -> Strin
         let shown: Vec<String> = values
             .iter()
             .map(|v| {
-                if key.contains("password") {
+                if key.contains("password") || key.contains("secret") {
                     "***".to_string()
                 } else {
                     redact_url(v)

@@ -96,6 +96,8 @@ pub struct PresenceConfig {
     pub hooks: HookConfig,
     /// Bound on each `WHO` or `HISTORY` read.
     pub read_timeout: Duration,
+    /// Presence checked against EMQX's REST API; `None`: hooks only.
+    pub reconcile: Option<crate::exhook::ReconcileConfig>,
 }
 
 /// How long EMQX must have sent nothing before a handover closes its
@@ -180,6 +182,9 @@ impl Presence {
             .with_context(|| format!("cannot open the store {}", config.store))?;
         let mut hooks = Hooks::start(store.clone(), &config.hooks);
         hooks.serve_until(listener, accepting)?;
+        if let Some(reconcile) = &config.reconcile {
+            hooks.reconcile(reconcile.clone());
+        }
         tracing::info!(
             store = %config.store,
             backend = store.backend(),

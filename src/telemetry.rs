@@ -36,6 +36,12 @@ pub const HOOK_RECORDS: &str = "exproto_hook_records_total";
 /// `node_started`, `node_stopped`, and reconciliation's `removed` and
 /// `added`.
 pub const PRESENCE_REPAIRED: &str = "exproto_presence_repaired_total";
+/// Reconciliations of presence with EMQX's REST API, by `result` (`ok`,
+/// `failed`).
+pub const RECONCILIATIONS: &str = "exproto_presence_reconciliations_total";
+/// When presence was last reconciled with EMQX, seconds since the Unix
+/// epoch (gauge).
+pub const RECONCILED_AT: &str = "exproto_presence_reconciled_timestamp_seconds";
 
 /// Makes a Prometheus recorder the process's metrics recorder and serves
 /// its text on `listener` at `GET /metrics`, until `accepting` is
@@ -109,6 +115,14 @@ fn describe() {
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes sent to clients.");
     describe_counter!(PARSE_ERRORS, "Lines or frames that could not be parsed.");
     describe_counter!(
+        RECONCILIATIONS,
+        "Reconciliations of presence with EMQX's REST API, by result."
+    );
+    describe_gauge!(
+        RECONCILED_AT,
+        "When presence was last reconciled with EMQX (Unix seconds)."
+    );
+    describe_counter!(
         PRESENCE_REPAIRED,
         "Presence rows repaired without a disconnect from EMQX, by cause."
     );
@@ -153,6 +167,14 @@ pub(crate) fn parse_errors(protocol: &'static str, n: u64) {
 
 pub(crate) fn connections(protocol: &'static str, delta: f64) {
     gauge!(CONNECTIONS, "protocol" => protocol).increment(delta);
+}
+
+pub(crate) fn reconciliation(result: &'static str) {
+    counter!(RECONCILIATIONS, "result" => result).increment(1);
+    if result == "ok" {
+        #[allow(clippy::cast_precision_loss)]
+        gauge!(RECONCILED_AT).set(crate::store::now_ms() as f64 / 1000.0);
+    }
 }
 
 pub(crate) fn presence_repaired(cause: &'static str, n: u64) {

@@ -27,6 +27,7 @@ fn presence_config() -> AdapterConfig {
                 ..HookConfig::default()
             },
             read_timeout: Duration::from_secs(2),
+            reconcile: None,
         }),
         ..quick_config()
     }

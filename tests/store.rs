@@ -97,6 +97,7 @@ macro_rules! suite {
 suite!(
     presence_is_upserted_listed_and_removed,
     a_node_is_cleared_of_clients_from_before_a_time,
+    reconciliation_reads_removes_and_adds_without_overwriting,
     who_lists_in_byte_order_with_the_total,
     who_prefixes_are_literal,
     history_ignores_a_duplicate_id,
@@ -186,6 +187,36 @@ async fn a_node_is_cleared_of_clients_from_before_a_time(t: Target) {
     assert_eq!(s.presence_clear_node("n3", u64::MAX).await.unwrap(), 0);
     assert_eq!(s.presence_clear_node("n1", 10_000).await.unwrap(), 2);
     assert_eq!(s.presence_list("", 100).await.unwrap(), page(1, &["other"]));
+}
+
+async fn reconciliation_reads_removes_and_adds_without_overwriting(t: Target) {
+    let s = &*t.store;
+    let at = |clientid: &str, node: &str, ms: u64| Presence {
+        connected_at_ms: ms,
+        ..presence(clientid, node)
+    };
+    s.presence_upsert(at("b", "n1", 1_000)).await.unwrap();
+    s.presence_upsert(at("a", "n1", 3_000)).await.unwrap();
+    s.presence_upsert(at("c", "n2", 1_000)).await.unwrap();
+    assert_eq!(
+        s.presence_of_node("n1", 10).await.unwrap(),
+        [at("a", "n1", 3_000), at("b", "n1", 1_000)]
+    );
+    assert_eq!(s.presence_of_node("n1", 1).await.unwrap().len(), 1);
+    // A connect newer than the reconciliation's look is kept.
+    assert!(!s.presence_remove_before("a", "n1", 2_000).await.unwrap());
+    assert!(!s.presence_remove_before("b", "n2", 2_000).await.unwrap());
+    assert!(s.presence_remove_before("b", "n1", 2_000).await.unwrap());
+    // A row a connect wrote is not overwritten.
+    assert!(!s.presence_insert_absent(at("a", "n9", 9)).await.unwrap());
+    assert!(s
+        .presence_insert_absent(at("d", "n1", 5_000))
+        .await
+        .unwrap());
+    assert_eq!(
+        s.presence_of_node("n1", 10).await.unwrap(),
+        [at("a", "n1", 3_000), at("d", "n1", 5_000)]
+    );
 }
 
 async fn who_lists_in_byte_order_with_the_total(t: Target) {

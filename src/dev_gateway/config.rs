@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::auth::{DenyRule, EmqxCompat, Users};
+use super::rest::ApiListen;
 use super::tls::TlsListen;
 
 /// Which of the two handler services EMQX calls (`handler.service_name`).
@@ -34,6 +35,8 @@ pub struct GatewayConfig {
     pub also_listen: Vec<SocketAddr>,
     /// A TLS listener (EMQX's `ssl` listener); `None`: none.
     pub tls_listen: Option<TlsListen>,
+    /// A stand-in for EMQX's REST API client lists; `None`: none.
+    pub api: Option<ApiListen>,
     /// Where UDP clients send datagrams (EMQX's exproto UDP listener); one
     /// connection per peer address. `None`: no UDP listener.
     pub udp_listen: Option<SocketAddr>,
@@ -95,6 +98,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7993)),
             also_listen: Vec::new(),
             tls_listen: None,
+            api: None,
             udp_listen: None,
             adapter_listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
             handler: "http://127.0.0.1:9001".to_owned(),
@@ -197,6 +201,37 @@ pub struct GatewayArgs {
         requires_all = ["tls_cert", "tls_key"]
     )]
     pub tls_listen: Option<SocketAddr>,
+
+    /// Serve a stand-in for EMQX's REST API client lists here
+    /// (`/api/v5/nodes`, `/gateways`, `/clients`,
+    /// `/gateways/exproto/clients`), for the adapter's --emqx-api, with
+    /// --api-key and --api-secret. Off if unset.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_API_LISTEN",
+        value_name = "ADDR",
+        requires_all = ["api_key", "api_secret"]
+    )]
+    pub api_listen: Option<SocketAddr>,
+
+    /// The API key the REST API stand-in accepts.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_API_KEY",
+        value_name = "KEY",
+        requires = "api_listen"
+    )]
+    pub api_key: Option<String>,
+
+    /// The API key's secret.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_API_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        requires = "api_listen"
+    )]
+    pub api_secret: Option<String>,
 
     /// PEM certificate chain of the TLS listener.
     #[arg(
@@ -381,8 +416,18 @@ impl GatewayArgs {
             (None, ..) => None,
             _ => anyhow::bail!("--tls-listen needs --tls-cert and --tls-key"),
         };
+        let api = match (self.api_listen, self.api_key, self.api_secret) {
+            (Some(addr), Some(key), Some(secret)) if !key.is_empty() => Some(ApiListen {
+                addr,
+                key,
+                secret: crate::protocol::Secret::new(secret),
+            }),
+            (None, ..) => None,
+            _ => anyhow::bail!("--api-listen needs a non-empty --api-key and an --api-secret"),
+        };
         let cfg = GatewayConfig {
             listen: *listen,
+            api,
             also_listen: also_listen.to_vec(),
             tls_listen,
             udp_listen: self.udp_listen,

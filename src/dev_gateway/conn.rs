@@ -632,6 +632,11 @@ impl Conn {
             return;
         }
         tracing::info!(%reason, "socket closed");
+        if let Phase::Connected { clientid } = &self.phase {
+            self.shared
+                .registry
+                .socket_closed(clientid, self.handle.seq);
+        }
         if let (Some(hooks), Some(info)) = (&self.shared.exhook, self.hook_info.take()) {
             hooks.disconnected(info, &reason);
         }
@@ -850,10 +855,10 @@ impl Conn {
             tracing::info!(%clientid, username = %info.username, "authentication refused");
             return codes::permission_deny(reason);
         }
-        if let Some(old) = self
-            .shared
-            .registry
-            .claim_clientid(&clientid, self.handle.clone())
+        if let Some(old) =
+            self.shared
+                .registry
+                .claim_clientid(&clientid, &info.username, self.handle.clone())
         {
             self.discard(old).await;
         }

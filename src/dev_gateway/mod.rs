@@ -41,6 +41,7 @@ mod mailbox;
 mod message;
 mod mqtt;
 mod registry;
+mod rest;
 mod router;
 mod shared;
 mod tls;
@@ -72,6 +73,7 @@ use self::faults::FaultState;
 use self::handler::HandlerClient;
 use self::mqtt::MqttRouter;
 use self::registry::Registry;
+pub use self::rest::ApiListen;
 use self::router::{MemoryRouter, Router};
 use self::shared::{Counters, Shared};
 pub use self::tls::TlsListen;
@@ -98,6 +100,7 @@ pub struct DevGateway {
     client_addrs: Vec<SocketAddr>,
     tls_addr: Option<SocketAddr>,
     udp_addr: Option<SocketAddr>,
+    api_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     adapter: Arc<AdapterServer>,
     accept_task: Option<JoinHandle<()>>,
@@ -155,6 +158,17 @@ impl DevGateway {
             None => None,
         };
         let udp_addr = udp.as_ref().map(|u| u.local_addr()).transpose()?;
+        let api_listener =
+            match &cfg.api {
+                Some(api) => Some(TcpListener::bind(api.addr).await.with_context(|| {
+                    format!("cannot serve the REST API stand-in on {}", api.addr)
+                })?),
+                None => None,
+            };
+        let api_addr = api_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let router = match &cfg.mqtt {
             Some(url) => Router::Mqtt(MqttRouter::connect(url, &cfg.node).await?),
             None => Router::Memory(MemoryRouter::default()),
@@ -203,6 +217,7 @@ impl DevGateway {
             clients = ?client_addrs,
             tls = ?tls_addr,
             udp = ?udp_addr,
+            api = ?api_addr,
             adapter = %adapter.addr(),
             handler = %shared.cfg.handler,
             mode = ?shared.cfg.handler_mode,
@@ -212,12 +227,16 @@ impl DevGateway {
             exhook = shared.cfg.exhook.as_deref().unwrap_or("off"),
             "dev gateway started"
         );
+        if let (Some(listener), Some(api)) = (api_listener, &shared.cfg.api) {
+            rest::serve(listener, api, shared.clone());
+        }
         let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
         let accept_task = tokio::spawn(accept_loop(listeners, udp, shared.clone(), limit));
         Ok(DevGateway {
             client_addrs,
             tls_addr,
             udp_addr,
+            api_addr,
             shared,
             adapter,
             accept_task: Some(accept_task),
@@ -232,6 +251,11 @@ impl DevGateway {
     /// Every TCP listener's address: `listen`, then each of `also_listen`.
     pub fn client_addrs(&self) -> &[SocketAddr] {
         &self.client_addrs
+    }
+
+    /// Where the REST API stand-in listens, with `api`.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     /// Where TLS clients connect, with `tls_listen`.

@@ -40,12 +40,31 @@ pub(crate) enum Lookup {
     Undecodable,
 }
 
+/// The connection that owns a clientid, and what EMQX's client list says
+/// of it.
+#[derive(Debug, Clone)]
+struct Claim {
+    handle: ConnHandle,
+    username: String,
+    connected_at: std::time::SystemTime,
+    /// Cleared when its socket closes (the process may live on a while).
+    connected: bool,
+}
+
+/// A logged-in client, as EMQX's REST API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Listed {
+    pub clientid: String,
+    pub username: String,
+    pub connected_at: std::time::SystemTime,
+}
+
 #[derive(Debug)]
 pub(crate) struct Registry {
     key: [u8; KEY_LEN],
     issued: AtomicU64,
     conns: DashMap<Arc<str>, ConnHandle>,
-    clientids: DashMap<String, ConnHandle>,
+    clientids: DashMap<String, Claim>,
 }
 
 impl Registry {
@@ -101,16 +120,55 @@ impl Registry {
 
     /// Makes `handle` the owner of `clientid`; returns the previous owner,
     /// which the caller must discard (EMQX's open_session with clean start).
-    pub fn claim_clientid(&self, clientid: &str, handle: ConnHandle) -> Option<ConnHandle> {
+    pub fn claim_clientid(
+        &self,
+        clientid: &str,
+        username: &str,
+        handle: ConnHandle,
+    ) -> Option<ConnHandle> {
         let seq = handle.seq;
+        let claim = Claim {
+            handle,
+            username: username.to_owned(),
+            connected_at: std::time::SystemTime::now(),
+            connected: true,
+        };
         self.clientids
-            .insert(clientid.to_owned(), handle)
+            .insert(clientid.to_owned(), claim)
+            .map(|old| old.handle)
             .filter(|old| old.seq != seq)
     }
 
     /// Releases `clientid` if `seq` still owns it.
     pub fn release_clientid(&self, clientid: &str, seq: u64) {
-        self.clientids.remove_if(clientid, |_, h| h.seq == seq);
+        self.clientids
+            .remove_if(clientid, |_, c| c.handle.seq == seq);
+    }
+
+    /// `clientid`'s socket closed, if `seq` still owns it: no longer
+    /// listed as connected.
+    pub fn socket_closed(&self, clientid: &str, seq: u64) {
+        if let Some(mut c) = self.clientids.get_mut(clientid) {
+            if c.handle.seq == seq {
+                c.connected = false;
+            }
+        }
+    }
+
+    /// The logged-in clients whose sockets are open, by clientid.
+    pub fn connected_clients(&self) -> Vec<Listed> {
+        let mut listed: Vec<Listed> = self
+            .clientids
+            .iter()
+            .filter(|c| c.connected)
+            .map(|c| Listed {
+                clientid: c.key().clone(),
+                username: c.username.clone(),
+                connected_at: c.connected_at,
+            })
+            .collect();
+        listed.sort_by(|a, b| a.clientid.cmp(&b.clientid));
+        listed
     }
 
     pub fn len(&self) -> usize {
@@ -159,11 +217,42 @@ mod tests {
             seq,
             tx: tx.clone(),
         };
-        assert!(r.claim_clientid("x", h(1)).is_none());
-        assert_eq!(r.claim_clientid("x", h(2)).map(|o| o.seq), Some(1));
+        assert!(r.claim_clientid("x", "u", h(1)).is_none());
+        assert_eq!(r.claim_clientid("x", "u", h(2)).map(|o| o.seq), Some(1));
         r.release_clientid("x", 1);
-        assert_eq!(r.claim_clientid("x", h(3)).map(|o| o.seq), Some(2));
+        assert_eq!(r.claim_clientid("x", "u", h(3)).map(|o| o.seq), Some(2));
         r.release_clientid("x", 3);
-        assert!(r.claim_clientid("x", h(4)).is_none());
+        assert!(r.claim_clientid("x", "u", h(4)).is_none());
+    }
+
+    #[test]
+    fn the_client_list_holds_logged_in_clients_with_open_sockets() {
+        let r = Registry::new();
+        let (tx, _rx) = mpsc::channel(1);
+        let h = |seq| ConnHandle {
+            id: format!("c{seq}").into(),
+            seq,
+            tx: tx.clone(),
+        };
+        r.claim_clientid("b", "ub", h(1));
+        r.claim_clientid("a", "ua", h(2));
+        let listed: Vec<(String, String)> = r
+            .connected_clients()
+            .into_iter()
+            .map(|c| (c.clientid, c.username))
+            .collect();
+        assert_eq!(
+            listed,
+            [("a".into(), "ua".into()), ("b".into(), "ub".into())]
+        );
+        // Another connection's close does not unlist the owner.
+        r.socket_closed("a", 9);
+        r.socket_closed("b", 1);
+        let listed: Vec<String> = r
+            .connected_clients()
+            .into_iter()
+            .map(|c| c.clientid)
+            .collect();
+        assert_eq!(listed, ["a"]);
     }
 }

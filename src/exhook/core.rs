@@ -134,6 +134,17 @@ pub struct HookCore {
     unloaded: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     unloads: AtomicU64,
     node_stop_grace: std::time::Duration,
+    /// The EMQX nodes heard from since this hook server started: the ones
+    /// whose presence it keeps true.
+    nodes: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Asks the reconciler (when there is one) to reconcile a node.
+    reconcile: std::sync::OnceLock<mpsc::UnboundedSender<String>>,
+    /// Nodes being reconciled, with the clients whose disconnect came
+    /// meanwhile: a reconciliation must not add those back.
+    passing: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
+    /// When a reconciliation last finished, milliseconds since the Unix
+    /// epoch; 0 before the first.
+    reconciled_ms: AtomicU64,
 }
 
 /// A hook EMQX should call, with the topic filters for message hooks.
@@ -158,7 +169,74 @@ impl HookCore {
             unloaded: Default::default(),
             unloads: AtomicU64::new(0),
             node_stop_grace,
+            nodes: Default::default(),
+            reconcile: std::sync::OnceLock::new(),
+            passing: Default::default(),
+            reconciled_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Notes that `node` spoke. The first word from a node since this
+    /// hook server started ends an outage of the hook server as that node
+    /// saw it (EMQX does not load the provider again when it comes back:
+    /// its hook calls just start to pass), so the node is reconciled.
+    fn heard_from(&self, node: &str) {
+        if node.is_empty() {
+            return;
+        }
+        let new = {
+            let mut nodes = lock(&self.nodes);
+            !nodes.contains(node) && nodes.insert(node.to_owned())
+        };
+        if new {
+            self.ask_reconcile(node);
+        }
+    }
+
+    /// Asks for `node` to be reconciled with EMQX's client list, if a
+    /// reconciler runs.
+    pub(crate) fn ask_reconcile(&self, node: &str) {
+        if let Some(tx) = self.reconcile.get() {
+            let _ = tx.send(node.to_owned());
+        }
+    }
+
+    /// Makes reconciliation requests go to `tx` from now on.
+    pub(crate) fn set_reconciler(&self, tx: mpsc::UnboundedSender<String>) {
+        let _ = self.reconcile.set(tx);
+    }
+
+    /// The nodes heard from since start.
+    pub(crate) fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = lock(&self.nodes).iter().cloned().collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// A reconciliation of `node` starts: its disconnects are noted.
+    pub(crate) fn begin_pass(&self, node: &str) {
+        lock(&self.passing).insert(node.to_owned(), Default::default());
+    }
+
+    /// Whether `clientid` of `node` disconnected since its pass began.
+    pub(crate) fn gone_during_pass(&self, node: &str, clientid: &str) -> bool {
+        lock(&self.passing)
+            .get(node)
+            .is_some_and(|gone| gone.contains(clientid))
+    }
+
+    /// The reconciliation of `node` is over; `ok` when it completed.
+    pub(crate) fn end_pass(&self, node: &str, ok: bool) {
+        lock(&self.passing).remove(node);
+        if ok {
+            self.reconciled_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// When presence was last reconciled with EMQX (milliseconds since the
+    /// Unix epoch), if ever.
+    pub fn last_reconciled_ms(&self) -> Option<u64> {
+        Some(self.reconciled_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
     }
 
     /// `node` loaded the provider; its broker has been up `uptime_ms`
@@ -168,6 +246,11 @@ impl HookCore {
     /// unannounced, or after it unloaded the provider.
     pub fn provider_loaded(&self, node: &str, uptime_ms: Option<u64>) {
         self.unloaded_nodes().remove(node);
+        if !node.is_empty() {
+            lock(&self.nodes).insert(node.to_owned());
+            // After its clear below: the pass then finds its rows gone.
+            self.ask_reconcile_later(node);
+        }
         let Some(uptime_ms) = uptime_ms.filter(|_| !node.is_empty()) else {
             return;
         };
@@ -214,9 +297,20 @@ impl HookCore {
     }
 
     fn unloaded_nodes(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
-        self.unloaded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.unloaded)
+    }
+
+    /// [`ask_reconcile`](Self::ask_reconcile), once what is queued now
+    /// has had a moment to be written.
+    fn ask_reconcile_later(&self, node: &str) {
+        if let Some(tx) = self.reconcile.get() {
+            let tx = tx.clone();
+            let node = node.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let _ = tx.send(node);
+            });
+        }
     }
 
     /// The hooks to register in `OnProviderLoaded`: only those used.
@@ -239,6 +333,7 @@ impl HookCore {
 
     /// A client (MQTT or any gateway's) is connected.
     pub fn client_connected(&self, clientid: String, username: String, node: String) {
+        self.heard_from(&node);
         self.offer(Record::Connected(Presence {
             clientid,
             username,
@@ -249,6 +344,10 @@ impl HookCore {
 
     /// A client's connection ended.
     pub fn client_disconnected(&self, clientid: String, node: String) {
+        self.heard_from(&node);
+        if let Some(gone) = lock(&self.passing).get_mut(&node) {
+            gone.insert(clientid.clone());
+        }
         self.offer(Record::Disconnected { clientid, node });
     }
 
@@ -321,4 +420,8 @@ impl HookCore {
             }
         }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -16,6 +16,8 @@
 //! is away.
 
 mod core;
+pub mod emqx_api;
+mod reconcile;
 pub mod service;
 mod writer;
 
@@ -31,6 +33,8 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 pub use self::core::{HookCore, HookSpec, HookStats, StatsSnapshot};
+pub use self::emqx_api::EmqxApi;
+pub use self::reconcile::ReconcileConfig;
 use crate::store::{Retention, Store};
 
 /// Code generated from EMQX's `exhook.proto`, both versions.
@@ -87,6 +91,7 @@ impl Default for HookConfig {
 /// tasks, and once [`Hooks::serve`] is called the gRPC server.
 pub struct Hooks {
     core: Arc<HookCore>,
+    store: Arc<dyn Store>,
     /// Set to the moment the writer must give up, to begin shutdown.
     shutdown: watch::Sender<Option<Instant>>,
     writer: JoinHandle<()>,
@@ -110,7 +115,7 @@ impl Hooks {
         let writer = writer::Writer::new(store.clone(), stats.clone(), config.batch, shutdown_rx);
         let writer = tokio::spawn(writer.run(rx));
         let retention = tokio::spawn(writer::retention(
-            store,
+            store.clone(),
             config.retention,
             config.retention_every,
         ));
@@ -121,6 +126,7 @@ impl Hooks {
                 stats,
                 config.node_stop_grace,
             )),
+            store,
             shutdown,
             writer,
             retention,
@@ -177,6 +183,13 @@ impl Hooks {
         info!(%addr, "exhook server listening");
         self.server = Some(Server { addr, stop, task });
         Ok(addr)
+    }
+
+    /// Reconciles presence with EMQX's client list from now on (see
+    /// `reconcile`): after this hook server's outage, after a node loads
+    /// the provider, and every `config.every`.
+    pub fn reconcile(&self, config: ReconcileConfig) {
+        reconcile::Reconciler::start(config, self.store.clone(), self.core.clone());
     }
 
     /// Where the gRPC server listens, once serving.

@@ -99,6 +99,38 @@ impl Store for FaultyStore {
         })
     }
 
+    fn presence_of_node<'a>(
+        &'a self,
+        node: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Presence>, StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.presence_of_node(node, limit).await
+        })
+    }
+
+    fn presence_remove_before<'a>(
+        &'a self,
+        clientid: &'a str,
+        node: &'a str,
+        before_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner
+                .presence_remove_before(clientid, node, before_ms)
+                .await
+        })
+    }
+
+    fn presence_insert_absent(&self, p: Presence) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.presence_insert_absent(p).await
+        })
+    }
+
     fn presence_list<'a>(
         &'a self,
         prefix: &'a str,

@@ -161,6 +161,39 @@ pub trait Store: Send + Sync + 'static {
         before_ms: u64,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
+    /// The rows of `node`'s clients, at most `limit` of them (in clientid
+    /// order), for a reconciliation with EMQX's own list.
+    ///
+    /// # Errors
+    /// A database failure.
+    fn presence_of_node<'a>(
+        &'a self,
+        node: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Presence>, StoreError>>;
+
+    /// Removes `clientid`'s row of `node` if it was written before
+    /// `before_ms`: a reconciliation that found the client gone must not
+    /// remove the row of a connect that came after it looked. Returns
+    /// whether a row went.
+    ///
+    /// # Errors
+    /// A database failure.
+    fn presence_remove_before<'a>(
+        &'a self,
+        clientid: &'a str,
+        node: &'a str,
+        before_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Adds `p` unless its clientid has a row already (which a connect
+    /// wrote, and which is newer than what a reconciliation knows).
+    /// Returns whether it was added.
+    ///
+    /// # Errors
+    /// A database failure.
+    fn presence_insert_absent(&self, p: Presence) -> BoxFuture<'_, Result<bool, StoreError>>;
+
     /// The online clientids starting with `prefix` (all for an empty one):
     /// how many there are, and the first `limit` in byte order.
     ///

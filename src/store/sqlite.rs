@@ -113,6 +113,69 @@ impl Store for SqliteStore {
         })
     }
 
+    fn presence_of_node<'a>(
+        &'a self,
+        node: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Presence>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT clientid, username, node, connected_at FROM exproto_presence \
+                 WHERE node = ? ORDER BY clientid LIMIT ?",
+            )
+            .bind(node)
+            .bind(sql_limit(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(Presence {
+                        clientid: row.try_get(0)?,
+                        username: row.try_get(1)?,
+                        node: row.try_get(2)?,
+                        connected_at_ms: from_db_ms(row.try_get(3)?),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn presence_remove_before<'a>(
+        &'a self,
+        clientid: &'a str,
+        node: &'a str,
+        before_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "DELETE FROM exproto_presence \
+                 WHERE clientid = ? AND node = ? AND connected_at < ?",
+            )
+            .bind(clientid)
+            .bind(node)
+            .bind(to_db_ms(before_ms))
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
+    fn presence_insert_absent(&self, p: Presence) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "INSERT INTO exproto_presence (clientid, username, node, connected_at) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (clientid) DO NOTHING",
+            )
+            .bind(&p.clientid)
+            .bind(&p.username)
+            .bind(&p.node)
+            .bind(to_db_ms(p.connected_at_ms))
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
     fn presence_list<'a>(
         &'a self,
         prefix: &'a str,

@@ -111,6 +111,7 @@ impl Stack {
                 store: StoreUrl::new(store),
                 hooks: hook_config,
                 read_timeout: Duration::from_secs(2),
+                reconcile: None,
             }),
             ..AdapterConfig::default()
         };

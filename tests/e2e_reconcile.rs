@@ -1,0 +1,171 @@
+//! Presence after the adapter itself was away: the dev gateway (EMQX) keeps
+//! running while the adapter (handler and hook server) stops; a client
+//! disconnects meanwhile, its disconnect lost with the hook server. A new
+//! adapter on the same store and ports, given EMQX's REST API (the
+//! gateway's stand-in), reconciles at start: the client that left is no
+//! longer listed, the one that stayed still is. Without the API the row
+//! would stay until that client connects again. On SQLite and PostgreSQL.
+
+mod e2e_support;
+#[path = "support/postgres.rs"]
+mod pg;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e_support::{Client, HELLO};
+use exproto_adapter::dev_gateway::{ApiListen, DevGateway, GatewayConfig};
+use exproto_adapter::emqx::GrpcAdapter;
+use exproto_adapter::exhook::{EmqxApi, HookConfig, ReconcileConfig};
+use exproto_adapter::protocol::Secret;
+use exproto_adapter::server::{AdapterConfig, PresenceConfig, RunningAdapter, Server};
+use exproto_adapter::store::StoreUrl;
+use tokio::net::TcpListener;
+
+struct Ports {
+    handler: SocketAddr,
+    hooks: SocketAddr,
+}
+
+async fn adapter(gw: &DevGateway, ports: &Ports, store: &str, api: Option<&str>) -> RunningAdapter {
+    let reconcile = api.map(|url| ReconcileConfig {
+        api: EmqxApi::new(url, "key", &Secret::new("secret")).unwrap(),
+        every: Duration::from_secs(3600),
+        max_clients: 1000,
+    });
+    let config = AdapterConfig {
+        listen: ports.handler,
+        emqx: format!("http://{}", gw.adapter_addr()),
+        call_timeout: Duration::from_secs(2),
+        presence: Some(PresenceConfig {
+            exhook_listen: ports.hooks,
+            store: StoreUrl::new(store),
+            hooks: HookConfig::default(),
+            read_timeout: Duration::from_secs(2),
+            reconcile,
+        }),
+        ..AdapterConfig::default()
+    };
+    let emqx = GrpcAdapter::new(&config.emqx, config.call_timeout).unwrap();
+    // The ports the previous adapter left are bound again.
+    let handler = TcpListener::bind(ports.handler).await.unwrap();
+    let hooks = TcpListener::bind(ports.hooks).await.unwrap();
+    Server::builder(config)
+        .handler_listener(handler)
+        .hook_listener(hooks)
+        .emqx(Arc::new(emqx))
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn connect(gw: &DevGateway, clientid: &str) -> Client {
+    let mut c = Client::connect(gw.client_addr()).await;
+    assert_eq!(c.line().await, HELLO);
+    assert_eq!(
+        c.ask(&format!("CONNECT {clientid}")).await,
+        format!("OK CONNECT {clientid}")
+    );
+    c
+}
+
+async fn a_client_that_left_while_the_adapter_was_away_is_forgotten(store: &str) {
+    let handler = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hooks = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ports = Ports {
+        handler: handler.local_addr().unwrap(),
+        hooks: hooks.local_addr().unwrap(),
+    };
+    drop((handler, hooks));
+    let mut gcfg = GatewayConfig::for_tests(format!("http://{}", ports.handler));
+    gcfg.exhook = Some(format!("http://{}", ports.hooks));
+    gcfg.api = Some(ApiListen {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        key: "key".into(),
+        secret: Secret::new("secret"),
+    });
+    let gw = DevGateway::start(gcfg).await.unwrap();
+    let api = format!("http://{}", gw.api_addr().unwrap());
+
+    let first = adapter(&gw, &ports, store, None).await;
+    let mut ann = connect(&gw, "ann").await;
+    let _ben = connect(&gw, "ben").await;
+    ann.ask_until("WHO", &["OK WHO 2 :ann ben"]).await;
+    // The adapter stops; nothing reaches it until the next one is up.
+    first.shutdown().await.unwrap();
+    ann.shutdown_write().await;
+    ann.eof().await;
+    // The gateway noticed ann go (its disconnect hook had nowhere to go).
+    let deadline = tokio::time::Instant::now() + e2e_support::WAIT;
+    while gw.connection_count() > 1 {
+        assert!(tokio::time::Instant::now() < deadline, "ann never left");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let _second = adapter(&gw, &ports, store, Some(&api)).await;
+    let mut cat = connect(&gw, "cat").await;
+    cat.ask_until("WHO", &["OK WHO 2 :ben cat"]).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_client_that_left_while_the_adapter_was_away_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", dir.path().join("presence.db").display());
+    a_client_that_left_while_the_adapter_was_away_is_forgotten(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_a_client_that_left_while_the_adapter_was_away_is_forgotten() {
+    pg::with_schema("postgres_a_client_that_left", |url| async move {
+        a_client_that_left_while_the_adapter_was_away_is_forgotten(&url).await;
+    })
+    .await;
+}
+
+/// The stand-in answers as EMQX: a wrong secret is refused, and a
+/// logged-in client is listed on its node only, page by page.
+#[tokio::test]
+async fn the_rest_api_stand_in_lists_logged_in_clients_to_the_right_key() {
+    let handler = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hooks = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ports = Ports {
+        handler: handler.local_addr().unwrap(),
+        hooks: hooks.local_addr().unwrap(),
+    };
+    drop((handler, hooks));
+    let mut gcfg = GatewayConfig::for_tests(format!("http://{}", ports.handler));
+    gcfg.api = Some(ApiListen {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        key: "key".into(),
+        secret: Secret::new("secret"),
+    });
+    let gw = DevGateway::start(gcfg).await.unwrap();
+    let url = format!("http://{}", gw.api_addr().unwrap());
+    let wrong = EmqxApi::new(&url, "key", &Secret::new("guess")).unwrap();
+    let e = format!("{:#}", wrong.nodes().await.unwrap_err());
+    assert!(
+        e.contains("401") && e.contains("BAD_API_KEY_OR_SECRET"),
+        "{e}"
+    );
+
+    let _adapter = adapter(&gw, &ports, "sqlite::memory:", None).await;
+    let _ann = connect(&gw, "ann").await;
+    let _ben = connect(&gw, "ben").await;
+    let api = EmqxApi::new(&url, "key", &Secret::new("secret")).unwrap();
+    let node = api.nodes().await.unwrap();
+    assert_eq!(node, ["emqx@127.0.0.1"]);
+    let listed = api.connected(&node[0], 1000).await.unwrap();
+    assert!(listed.complete);
+    let mut ids: Vec<&String> = listed.clients.keys().collect();
+    ids.sort();
+    assert_eq!(ids, ["ann", "ben"]);
+    assert!(api
+        .connected("emqx@elsewhere", 1000)
+        .await
+        .unwrap()
+        .clients
+        .is_empty());
+    let capped = api.connected(&node[0], 1).await.unwrap();
+    assert!(!capped.complete, "more clients than one pass reads");
+}
