@@ -395,6 +395,31 @@ pub struct ServeArgs {
     #[arg(long, env = "EXPROTO_UPGRADE_TIMEOUT", default_value = "15", value_parser = parse_positive_seconds, value_name = "SECONDS")]
     pub upgrade_timeout: Duration,
 
+    /// PEM certificate (chain): serve the ExHook listener over TLS (with
+    /// --exhook-tls-key); EMQX's `exhook.servers[].url` is then
+    /// `https://...` with `ssl.enable = true`.
+    #[arg(long, env = "EXPROTO_EXHOOK_TLS_CERT", value_name = "PEM", requires_all = ["exhook_tls_key", "exhook_listen"])]
+    pub exhook_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --exhook-tls-cert.
+    #[arg(
+        long,
+        env = "EXPROTO_EXHOOK_TLS_KEY",
+        value_name = "PEM",
+        requires = "exhook_tls_cert"
+    )]
+    pub exhook_tls_key: Option<PathBuf>,
+
+    /// PEM CA: EMQX must show the ExHook listener a client certificate it
+    /// signed (mutual TLS; EMQX's `ssl.certfile` and `ssl.keyfile`).
+    #[arg(
+        long,
+        env = "EXPROTO_EXHOOK_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "exhook_tls_cert"
+    )]
+    pub exhook_tls_client_ca: Option<PathBuf>,
+
     /// EMQX's REST API (the dashboard listener, e.g.
     /// `http://127.0.0.1:18083`): presence is checked against EMQX's own
     /// client list after the hook server was away, after a node loads the
@@ -468,6 +493,14 @@ impl ServeArgs {
                 ..HookConfig::default()
             },
             read_timeout: self.call_timeout,
+            tls: match (&self.exhook_tls_cert, &self.exhook_tls_key) {
+                (Some(cert), Some(key)) => Some(ServerTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.exhook_tls_client_ca.clone(),
+                }),
+                _ => None,
+            },
             reconcile: self.emqx_api.as_ref().and_then(|url| {
                 let key = self.emqx_api_key.as_deref().unwrap_or_default();
                 let secret =

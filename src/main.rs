@@ -359,8 +359,12 @@ async fn metrics_on(addr: std::net::SocketAddr) -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat, default_level: &str) {
     use std::io::IsTerminal;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // EMQX sends an IP address as TLS SNI, which rustls warns about on
+    // every handshake; the server says it once at start instead (RUST_LOG
+    // set by hand shows them all).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{default_level},rustls::msgs::handshake=error"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);

@@ -98,6 +98,9 @@ pub struct PresenceConfig {
     pub read_timeout: Duration,
     /// Presence checked against EMQX's REST API; `None`: hooks only.
     pub reconcile: Option<crate::exhook::ReconcileConfig>,
+    /// TLS for the ExHook listener (EMQX's `exhook.servers[].ssl`); with a
+    /// client CA, EMQX must show a certificate it signed.
+    pub tls: Option<ServerTlsFiles>,
 }
 
 /// How long EMQX must have sent nothing before a handover closes its
@@ -177,11 +180,19 @@ impl Presence {
         listener: TcpListener,
         accepting: CancellationToken,
     ) -> anyhow::Result<Self> {
+        // TLS files are read before anything starts, so a wrong path
+        // fails the start.
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()
+            .context("ExHook TLS")?;
         let store = store::open(config.store.expose())
             .await
             .with_context(|| format!("cannot open the store {}", config.store))?;
         let mut hooks = Hooks::start(store.clone(), &config.hooks);
-        hooks.serve_until(listener, accepting)?;
+        hooks.serve_tls_until(listener, accepting, tls)?;
         if let Some(reconcile) = &config.reconcile {
             hooks.reconcile(reconcile.clone());
         }
@@ -685,6 +696,14 @@ impl ServerBuilder {
             let _ = stopped.await;
         }));
         tracing::info!(%addr, protocols = ?driver.protocols(), tls = config.tls.is_some(), "handler listening");
+        let hook_tls = config.presence.as_ref().is_some_and(|p| p.tls.is_some());
+        if config.tls.is_some() || hook_tls {
+            tracing::info!(
+                "EMQX sends an IP address as TLS SNI when its handler.address or exhook URL holds one; \
+                 rustls's warning about it on every handshake is left out of the default log (RUST_LOG shows it). \
+                 A host name in the URL avoids it, and EMQX 5.8 needs one to verify the certificate"
+            );
+        }
         Ok(RunningAdapter {
             addr,
             driver,

@@ -79,29 +79,46 @@ pub fn server_config(files: &ServerTlsFiles) -> anyhow::Result<ServerTlsConfig> 
 /// client certificate without its key or the reverse, a file that cannot
 /// be read.
 pub fn emqx_config(url: &str, files: &EmqxTlsFiles) -> anyhow::Result<Option<ClientTlsConfig>> {
+    client_config(url, files, "EMQX", "--emqx-cert and --emqx-key")
+}
+
+/// The client-side TLS settings for a gRPC `url` of `server` (for
+/// messages), or `None` when it is plain `http://`; `pair` names the
+/// certificate and key settings for the message when one comes alone.
+///
+/// # Errors
+/// As [`emqx_config`].
+pub fn client_config(
+    url: &str,
+    files: &EmqxTlsFiles,
+    server: &str,
+    pair: &str,
+) -> anyhow::Result<Option<ClientTlsConfig>> {
     let https = url
         .get(..8)
         .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
     if !https {
         if files.is_set() {
-            bail!("EMQX TLS files are set but the EMQX URL {url:?} is not https://");
+            bail!("{server} TLS files are set but the {server} URL {url:?} is not https://");
         }
         return Ok(None);
     }
     let mut config = ClientTlsConfig::new().timeout(HANDSHAKE_TIMEOUT);
     config = match &files.ca {
-        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "EMQX CA")?)),
+        Some(ca) => {
+            config.ca_certificate(Certificate::from_pem(read(ca, &format!("{server} CA"))?))
+        }
         None => config.with_native_roots(),
     };
     match (&files.cert, &files.key) {
         (Some(cert), Some(key)) => {
             config = config.identity(Identity::from_pem(
-                read(cert, "EMQX client certificate")?,
-                read(key, "EMQX client key")?,
+                read(cert, "client certificate")?,
+                read(key, "client key")?,
             ));
         }
         (None, None) => {}
-        _ => bail!("--emqx-cert and --emqx-key go together"),
+        _ => bail!("{pair} go together"),
     }
     Ok(Some(config))
 }

@@ -44,6 +44,7 @@ async fn adapter(gw: &DevGateway, ports: &Ports, store: &str, api: Option<&str>)
             hooks: HookConfig::default(),
             read_timeout: Duration::from_secs(2),
             reconcile,
+            tls: None,
         }),
         ..AdapterConfig::default()
     };

@@ -28,6 +28,7 @@ fn presence_config() -> AdapterConfig {
             },
             read_timeout: Duration::from_secs(2),
             reconcile: None,
+            tls: None,
         }),
         ..quick_config()
     }

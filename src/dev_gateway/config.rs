@@ -83,6 +83,10 @@ pub struct GatewayConfig {
     /// (plain `http://`): client connects and disconnects, and published
     /// messages. `None` reports nothing.
     pub exhook: Option<String>,
+    /// With an `https://` `exhook` URL: the CA that signed the hook
+    /// server's certificate (else the system's roots), and a client
+    /// certificate and key for mutual TLS (EMQX's `exhook.servers[].ssl`).
+    pub exhook_tls: crate::tls::EmqxTlsFiles,
     /// Client sockets beyond this many are closed at once.
     pub max_connections: usize,
     /// Per connection: handler events waiting for their call, and adapter
@@ -116,6 +120,7 @@ impl Default for GatewayConfig {
             mqtt: None,
             node: "emqx@127.0.0.1".to_owned(),
             exhook: None,
+            exhook_tls: crate::tls::EmqxTlsFiles::default(),
             max_connections: 100_000,
             queue_limit: 1_000,
         }
@@ -154,13 +159,18 @@ impl GatewayConfig {
             MqttUrl::parse(url)?;
         }
         if let Some(url) = &self.exhook {
-            if !url.starts_with("http://") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                anyhow::bail!("exhook URL {url:?}: use http:// or https://");
+            }
+            if url.starts_with("http://") && self.exhook_tls.is_set() {
                 anyhow::bail!(
-                    "exhook URL {url:?}: the dev gateway calls hook servers over plain http://"
+                    "exhook TLS files are set but the exhook URL {url:?} is not https://"
                 );
             }
             tonic::transport::Endpoint::from_shared(url.clone())
                 .with_context(|| format!("bad exhook URL {url:?}"))?;
+        } else if self.exhook_tls.is_set() {
+            anyhow::bail!("exhook TLS files without an exhook URL");
         }
         Ok(())
     }
@@ -390,6 +400,30 @@ pub struct GatewayArgs {
     /// `http://127.0.0.1:9000`.
     #[arg(long, env = "EXPROTO_GATEWAY_EXHOOK", value_name = "URL")]
     pub exhook: Option<String>,
+
+    /// With an `https://` --exhook: PEM CA that signed the hook server's
+    /// certificate (default: the system's roots).
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_EXHOOK_CA",
+        value_name = "PEM",
+        requires = "exhook"
+    )]
+    pub exhook_ca: Option<PathBuf>,
+
+    /// With an `https://` --exhook: PEM client certificate for mutual TLS
+    /// (with --exhook-key).
+    #[arg(long, env = "EXPROTO_GATEWAY_EXHOOK_CERT", value_name = "PEM", requires_all = ["exhook", "exhook_key"])]
+    pub exhook_cert: Option<PathBuf>,
+
+    /// PEM private key of --exhook-cert.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_EXHOOK_KEY",
+        value_name = "PEM",
+        requires = "exhook_cert"
+    )]
+    pub exhook_key: Option<PathBuf>,
 }
 
 impl GatewayArgs {
@@ -443,6 +477,11 @@ impl GatewayArgs {
             mqtt: self.mqtt,
             node: self.node,
             exhook: self.exhook,
+            exhook_tls: crate::tls::EmqxTlsFiles {
+                ca: self.exhook_ca,
+                cert: self.exhook_cert,
+                key: self.exhook_key,
+            },
             ..GatewayConfig::default()
         };
         cfg.validate()?;
@@ -642,11 +681,21 @@ mod tests {
     }
 
     #[test]
-    fn exhook_urls_are_plain_http() {
-        let cli = Cli::parse_from(["x", "--exhook", "https://127.0.0.1:9000"]);
-        assert!(cli.gw.into_config().is_err());
+    fn exhook_urls_are_http_or_https_and_tls_files_need_https() {
+        let cli = Cli::parse_from(["x", "--exhook", "https://localhost:9000"]);
+        assert!(cli.gw.into_config().is_ok());
         let cli = Cli::parse_from(["x", "--exhook", "127.0.0.1:9000"]);
         assert!(cli.gw.into_config().is_err());
+        let cli = Cli::parse_from([
+            "x",
+            "--exhook",
+            "http://127.0.0.1:9000",
+            "--exhook-ca",
+            "ca.pem",
+        ]);
+        let e = cli.gw.into_config().unwrap_err().to_string();
+        assert!(e.contains("not https://"), "{e}");
+        assert!(Cli::try_parse_from(["x", "--exhook-ca", "ca.pem"]).is_err());
         let cfg = Cli::parse_from(["x"]).gw.into_config().unwrap();
         assert!(cfg.exhook.is_none(), "off by default");
     }

@@ -210,11 +210,12 @@ impl HookClient {
     /// `url` is not a plain `http://` endpoint URL.
     pub fn start(
         url: &str,
+        tls: &crate::tls::EmqxTlsFiles,
         node: &str,
         faults: Arc<FaultState>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let channel = channel(url)?;
+        let channel = channel(url, tls)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let (ctl, ctl_rx) = mpsc::channel(4);
         let state = Arc::new(State {
@@ -410,16 +411,19 @@ enum Served {
 }
 
 /// A lazily connected channel: the hook server may come up after the
-/// gateway.
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    if !url.starts_with("http://") {
-        anyhow::bail!("exhook URL {url:?}: the dev gateway calls hook servers over plain http://");
-    }
-    Ok(Endpoint::from_shared(url.to_owned())
+/// gateway. `https://` with `tls`'s files, as EMQX's
+/// `exhook.servers[].ssl`.
+fn channel(url: &str, tls: &crate::tls::EmqxTlsFiles) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("bad exhook URL {url:?}"))?
         .tcp_nodelay(true)
-        .connect_timeout(CALL_TIMEOUT)
-        .connect_lazy())
+        .connect_timeout(CALL_TIMEOUT);
+    if let Some(config) =
+        crate::tls::client_config(url, tls, "hook server", "--exhook-cert and --exhook-key")?
+    {
+        endpoint = endpoint.tls_config(config).context("exhook TLS settings")?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 /// The calling task.
@@ -794,9 +798,14 @@ mod tests {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", silent.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let client =
-            HookClient::start(&url, "n", Arc::new(FaultState::default()), shutdown.clone())
-                .unwrap();
+        let client = HookClient::start(
+            &url,
+            &crate::tls::EmqxTlsFiles::default(),
+            "n",
+            Arc::new(FaultState::default()),
+            shutdown.clone(),
+        )
+        .unwrap();
         // Pretend the load went through; the calls then stall.
         client.state.set_loaded(Some(
             Registered::resolve(vec![spec("client.connected", &[])]).unwrap(),

@@ -184,6 +184,7 @@ impl DevGateway {
         let exhook = match &cfg.exhook {
             Some(url) => Some(HookClient::start(
                 url,
+                &cfg.exhook_tls,
                 &cfg.node,
                 faults.clone(),
                 shutdown.clone(),

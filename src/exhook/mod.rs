@@ -156,7 +156,22 @@ impl Hooks {
         listener: TcpListener,
         accepting: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<SocketAddr> {
+        self.serve_tls_until(listener, accepting, None)
+    }
+
+    /// [`serve_until`](Self::serve_until), over TLS with `tls` (EMQX's
+    /// `exhook.servers[].ssl`; with a client CA, mutual TLS).
+    ///
+    /// # Errors
+    /// As `serve_until`, and TLS settings tonic refuses.
+    pub fn serve_tls_until(
+        &mut self,
+        listener: TcpListener,
+        accepting: tokio_util::sync::CancellationToken,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> anyhow::Result<SocketAddr> {
         let addr = listener.local_addr()?;
+        let encrypted = tls.is_some();
         let (reflection_v1, reflection_v1alpha) = crate::reflection::services(
             &["emqx.exhook.v2", "emqx.exhook.v3"],
             &[],
@@ -171,7 +186,12 @@ impl Hooks {
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             accepting,
         );
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            use anyhow::Context as _;
+            builder = builder.tls_config(tls).context("ExHook TLS settings")?;
+        }
+        let router = builder
             .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW))
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -180,7 +200,7 @@ impl Hooks {
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         }));
-        info!(%addr, "exhook server listening");
+        info!(%addr, tls = encrypted, "exhook server listening");
         self.server = Some(Server { addr, stop, task });
         Ok(addr)
     }

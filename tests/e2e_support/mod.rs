@@ -89,6 +89,17 @@ impl Stack {
 
     /// [`Stack::presence`] with the hook server's settings adjusted.
     pub async fn presence_with(store: &str, hooks: impl FnOnce(&mut HookConfig)) -> Stack {
+        Stack::presence_tuned(store, |_| {}, |p| hooks(&mut p.hooks)).await
+    }
+
+    /// [`Stack::presence`] with either side adjusted: the gateway (its
+    /// `exhook` URL already points at the hook listener, over plain
+    /// `http://`) and the presence settings.
+    pub async fn presence_tuned(
+        store: &str,
+        gateway: impl FnOnce(&mut GatewayConfig),
+        presence: impl FnOnce(&mut PresenceConfig),
+    ) -> Stack {
         // Both adapter ports are bound first: the gateway must know them
         // before it starts, and the adapter must know the gateway's
         // ConnectionAdapter port before it starts. The gateway's first
@@ -99,20 +110,22 @@ impl Stack {
         let mut gcfg =
             GatewayConfig::for_tests(format!("http://{}", listener.local_addr().unwrap()));
         gcfg.exhook = Some(format!("http://{hook_addr}"));
+        gateway(&mut gcfg);
         let gw = DevGateway::start(gcfg).await.unwrap();
-        let mut hook_config = HookConfig::default();
-        hooks(&mut hook_config);
+        let mut presence_config = PresenceConfig {
+            exhook_listen: hook_addr,
+            store: StoreUrl::new(store),
+            hooks: HookConfig::default(),
+            read_timeout: Duration::from_secs(2),
+            reconcile: None,
+            tls: None,
+        };
+        presence(&mut presence_config);
         let acfg = AdapterConfig {
             listen: listener.local_addr().unwrap(),
             emqx: format!("http://{}", gw.adapter_addr()),
             call_timeout: Duration::from_secs(2),
-            presence: Some(PresenceConfig {
-                exhook_listen: hook_addr,
-                store: StoreUrl::new(store),
-                hooks: hook_config,
-                read_timeout: Duration::from_secs(2),
-                reconcile: None,
-            }),
+            presence: Some(presence_config),
             ..AdapterConfig::default()
         };
         let running = Server::builder(acfg)
