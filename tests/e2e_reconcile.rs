@@ -61,6 +61,31 @@ async fn adapter(gw: &DevGateway, ports: &Ports, store: &str, api: Option<&str>)
         .unwrap()
 }
 
+/// The dev gateway with its REST API stand-in (key `key`, secret
+/// `secret`), reporting to a hook server on `ports.hooks` if `hooks`; the
+/// adapter's ports are free for [`adapter`]. Returns the API's URL too.
+async fn gateway(hooks: bool) -> (DevGateway, Ports, String) {
+    let handler = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ports = Ports {
+        handler: handler.local_addr().unwrap(),
+        hooks: hook_listener.local_addr().unwrap(),
+    };
+    drop((handler, hook_listener));
+    let mut gcfg = GatewayConfig::for_tests(format!("http://{}", ports.handler));
+    if hooks {
+        gcfg.exhook = Some(format!("http://{}", ports.hooks));
+    }
+    gcfg.api = Some(ApiListen {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        key: "key".into(),
+        secret: Secret::new("secret"),
+    });
+    let gw = DevGateway::start(gcfg).await.unwrap();
+    let api = format!("http://{}", gw.api_addr().unwrap());
+    (gw, ports, api)
+}
+
 async fn connect(gw: &DevGateway, clientid: &str) -> Client {
     let mut c = Client::connect(gw.client_addr()).await;
     assert_eq!(c.line().await, HELLO);
@@ -72,22 +97,7 @@ async fn connect(gw: &DevGateway, clientid: &str) -> Client {
 }
 
 async fn a_client_that_left_while_the_adapter_was_away_is_forgotten(store: &str) {
-    let handler = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hooks = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ports = Ports {
-        handler: handler.local_addr().unwrap(),
-        hooks: hooks.local_addr().unwrap(),
-    };
-    drop((handler, hooks));
-    let mut gcfg = GatewayConfig::for_tests(format!("http://{}", ports.handler));
-    gcfg.exhook = Some(format!("http://{}", ports.hooks));
-    gcfg.api = Some(ApiListen {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        key: "key".into(),
-        secret: Secret::new("secret"),
-    });
-    let gw = DevGateway::start(gcfg).await.unwrap();
-    let api = format!("http://{}", gw.api_addr().unwrap());
+    let (gw, ports, api) = gateway(true).await;
 
     let first = adapter(&gw, &ports, store, None).await;
     let mut ann = connect(&gw, "ann").await;
@@ -128,21 +138,7 @@ async fn postgres_a_client_that_left_while_the_adapter_was_away_is_forgotten() {
 /// logged-in client is listed on its node only, page by page.
 #[tokio::test]
 async fn the_rest_api_stand_in_lists_logged_in_clients_to_the_right_key() {
-    let handler = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hooks = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ports = Ports {
-        handler: handler.local_addr().unwrap(),
-        hooks: hooks.local_addr().unwrap(),
-    };
-    drop((handler, hooks));
-    let mut gcfg = GatewayConfig::for_tests(format!("http://{}", ports.handler));
-    gcfg.api = Some(ApiListen {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        key: "key".into(),
-        secret: Secret::new("secret"),
-    });
-    let gw = DevGateway::start(gcfg).await.unwrap();
-    let url = format!("http://{}", gw.api_addr().unwrap());
+    let (gw, ports, url) = gateway(false).await;
     let wrong = EmqxApi::new(&url, "key", &Secret::new("guess")).unwrap();
     let e = format!("{:#}", wrong.nodes().await.unwrap_err());
     assert!(
@@ -169,4 +165,55 @@ async fn the_rest_api_stand_in_lists_logged_in_clients_to_the_right_key() {
         .is_empty());
     let capped = api.connected(&node[0], 1).await.unwrap();
     assert!(!capped.complete, "more clients than one pass reads");
+}
+
+/// A client that connects while EMQX's list is on its way is missing from
+/// that list, yet connected: the reconciliation must keep its row.
+async fn a_connect_racing_a_reconciliation_is_kept(store: &str) {
+    let (gw, ports, api) = gateway(true).await;
+    let running = adapter(&gw, &ports, store, Some(&api)).await;
+    let core = running.hooks().unwrap().core().clone();
+    let reconciled_after = |before: Option<u64>| {
+        let core = core.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + e2e_support::WAIT;
+            loop {
+                let now = core.last_reconciled_ms();
+                if now.is_some() && now != before {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no reconciliation");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // The pass at start (a one-node cluster) is over.
+    reconciled_after(None).await;
+    let mut ann = connect(&gw, "ann").await;
+    ann.ask_until("WHO", &["OK WHO 1 :ann"]).await;
+
+    let hold = gw.faults().hold_next_client_list();
+    let before = core.last_reconciled_ms();
+    // A node that loads the provider again is reconciled.
+    gw.faults().reload_hooks().await;
+    hold.arrived().await;
+    // EMQX's list is read (ann alone); dan connects before it arrives.
+    let _dan = connect(&gw, "dan").await;
+    ann.ask_until("WHO", &["OK WHO 2 :ann dan"]).await;
+    hold.release();
+    reconciled_after(before).await;
+    assert_eq!(ann.ask("WHO").await, "OK WHO 2 :ann dan");
+}
+
+#[tokio::test]
+async fn sqlite_a_connect_racing_a_reconciliation_is_kept() {
+    a_connect_racing_a_reconciliation_is_kept("sqlite::memory:").await;
+}
+
+#[tokio::test]
+async fn postgres_a_connect_racing_a_reconciliation_is_kept() {
+    pg::with_schema("postgres_a_connect_racing", |url| async move {
+        a_connect_racing_a_reconciliation_is_kept(&url).await;
+    })
+    .await;
 }

@@ -145,6 +145,13 @@ impl Faults {
         }
     }
 
+    /// Holds the next gateway client list of the REST API stand-in after
+    /// it is read and before it is sent: what a client that connects
+    /// while EMQX's list is on its way looks like to a reconciliation.
+    pub fn hold_next_client_list(&self) -> Arc<super::faults::ListHold> {
+        self.shared.faults.hold_next_list()
+    }
+
     /// Kicks a connection as EMQX's management API would: its socket
     /// closes and `OnSocketClosed{"{shutdown,kicked}"}` follows. Returns
     /// false when `conn` is not live.

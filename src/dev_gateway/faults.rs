@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::pb::ResultCode;
@@ -45,6 +45,29 @@ pub(crate) struct FaultState {
     handler_next: AtomicUsize,
     /// `message.publish` hook calls still to be made twice.
     hook_repeat: AtomicUsize,
+    /// The next gateway client list of the REST API stand-in waits here
+    /// after it is made, before it is sent.
+    list_hold: Mutex<Option<Arc<ListHold>>>,
+}
+
+/// A client list held between being read and being sent, so a test can
+/// act in that gap (a client that connects after EMQX's list was read).
+#[derive(Debug, Default)]
+pub struct ListHold {
+    arrived: tokio::sync::Notify,
+    released: tokio::sync::Notify,
+}
+
+impl ListHold {
+    /// Waits until a list has been read and is held.
+    pub async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+
+    /// Lets the held list go out.
+    pub fn release(&self) {
+        self.released.notify_one();
+    }
 }
 
 impl FaultState {
@@ -88,6 +111,29 @@ impl FaultState {
                 .hook_repeat
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok()
+    }
+
+    /// Holds the next gateway client list of the REST API stand-in.
+    pub fn hold_next_list(&self) -> Arc<ListHold> {
+        let hold = Arc::new(ListHold::default());
+        *self
+            .list_hold
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(hold.clone());
+        hold
+    }
+
+    /// Called by a list once made: waits while a test holds it.
+    pub async fn held_list(&self) {
+        let hold = self
+            .list_hold
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(hold) = hold {
+            hold.arrived.notify_one();
+            hold.released.notified().await;
+        }
     }
 
     /// Drops per-connection faults of an ended connection.

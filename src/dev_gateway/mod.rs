@@ -63,7 +63,7 @@ pub use self::auth::{AuthConfigError, DenyAction, DenyRule, EmqxCompat, Secret, 
 pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode};
 pub use self::control::Faults;
 pub use self::exhook::ExhookStats;
-pub use self::faults::{Fault, Method};
+pub use self::faults::{Fault, ListHold, Method};
 pub use crate::pb::ResultCode;
 
 use self::adapter::AdapterServer;
