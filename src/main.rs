@@ -6,8 +6,9 @@ use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
 use exproto_adapter::config::{parse_clientid_policy, parse_seconds, parse_store, ServeArgs};
-use exproto_adapter::dev_gateway::{DevGateway, GatewayArgs};
-use exproto_adapter::protocol::ClientidPolicy;
+use exproto_adapter::dev_gateway::{ApiListen, DevGateway, GatewayArgs};
+use exproto_adapter::exhook::{EmqxApi, ReconcileConfig};
+use exproto_adapter::protocol::{ClientidPolicy, Secret};
 use exproto_adapter::server::{Ended, RunningAdapter, Server};
 use exproto_adapter::store::StoreUrl;
 use exproto_adapter::{config_file, telemetry};
@@ -180,6 +181,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut gateway_config = args.gateway.into_config()?;
     if let Some(hooks) = adapter.hooks().and_then(|h| h.addr()) {
         gateway_config.exhook = Some(format!("http://{hooks}"));
+        // Presence reconciled as beside a real EMQX: the gateway's REST
+        // API stand-in on a free port, with a key made up for this run.
+        gateway_config.api.get_or_insert_with(|| ApiListen {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            key: "demo".to_owned(),
+            secret: Secret::new(format!("{:032x}", rand::random::<u128>())),
+        });
         match &run_store {
             Some(_) => tracing::info!(
                 store = %serve.store,
@@ -190,6 +198,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let api_key = gateway_config.api.clone();
     let gateway = match DevGateway::start(gateway_config).await {
         Ok(g) => g,
         Err(e) => {
@@ -197,6 +206,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    if let (Some(hooks), Some(api), Some(at)) = (adapter.hooks(), api_key, gateway.api_addr()) {
+        let api = EmqxApi::new(&format!("http://{at}"), &api.key, &api.secret)?;
+        hooks.reconcile(ReconcileConfig {
+            api,
+            every: ServeArgs::default().reconcile_every,
+            max_clients: 100_000,
+        });
+    }
     let addr = gateway.client_addr();
     tracing::info!(
         "demo ready: connect with `nc {} {}` (clients), handler on {}, ConnectionAdapter on {}, WHO and HISTORY {}",
