@@ -192,10 +192,11 @@ impl Presence {
             .await
             .with_context(|| format!("cannot open the store {}", config.store))?;
         let mut hooks = Hooks::start(store.clone(), &config.hooks);
-        hooks.serve_tls_until(listener, accepting, tls)?;
+        // Before serving: the first hook of a node asks for a pass.
         if let Some(reconcile) = &config.reconcile {
             hooks.reconcile(reconcile.clone());
         }
+        hooks.serve_tls_until(listener, accepting, tls)?;
         tracing::info!(
             store = %config.store,
             backend = store.backend(),

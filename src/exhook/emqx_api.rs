@@ -49,9 +49,9 @@ impl std::fmt::Debug for EmqxApi {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listing {
     pub clients: HashMap<String, String>,
-    /// Every page was read: a client missing from it is gone. `false`
-    /// when the node has more clients than one pass reads (then a page's
-    /// worth more than the bound may be listed).
+    /// The list is whole: a client missing from it is gone. `false` when
+    /// a list took more than one page (1,000 clients: paging may skip one)
+    /// or the node has more clients than one pass reads.
     pub complete: bool,
 }
 
@@ -106,11 +106,16 @@ impl EmqxApi {
         let base = base.strip_suffix("/api/v5").unwrap_or(base);
         if !base.starts_with("http://") {
             bail!(
-                "EMQX API URL {url:?}: use http:// (EMQX's dashboard listener, e.g. http://127.0.0.1:18083)"
+                "EMQX API URL {:?}: use http:// (EMQX's dashboard listener, e.g. http://127.0.0.1:18083)",
+                crate::redact::redact_url(url)
             );
         }
-        base.parse::<hyper::Uri>()
-            .with_context(|| format!("bad EMQX API URL {url:?}"))?;
+        let uri = base
+            .parse::<hyper::Uri>()
+            .with_context(|| format!("bad EMQX API URL {:?}", crate::redact::redact_url(url)))?;
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            bail!("EMQX API URL: give the key with --emqx-api-key, not in the URL");
+        }
         if key.is_empty() {
             bail!("an EMQX API URL needs an API key (--emqx-api-key) and secret");
         }
@@ -187,28 +192,32 @@ impl EmqxApi {
             complete: true,
         };
         let node_q = urlencode(node);
+        // EMQX pages by rescanning: a client that leaves between two pages
+        // shifts the rest, and one may be skipped. A list of one page is
+        // whole; a longer one proves no client gone.
+        let mut one_page_each = true;
+        let max_pages = max / PAGE + 1;
         for list in lists {
-            let mut page = 1;
-            loop {
+            for page in 1..=max_pages {
                 if listing.clients.len() > max {
                     break;
                 }
                 let path =
                     format!("{list}?node={node_q}&conn_state=connected&page={page}&limit={PAGE}");
                 let got: Page = self.get(&path).await?;
+                let empty = got.data.is_empty();
                 for c in got.data.into_iter().filter(|c| c.connected) {
                     listing
                         .clients
                         .insert(c.clientid, c.username.unwrap_or_default());
                 }
-                if !got.meta.hasnext {
+                if !got.meta.hasnext || empty {
                     break;
                 }
-                page += 1;
+                one_page_each = false;
             }
         }
-        // Past the bound, a client not read is not known to be gone.
-        listing.complete = listing.clients.len() <= max;
+        listing.complete = one_page_each && listing.clients.len() <= max;
         Ok(listing)
     }
 }

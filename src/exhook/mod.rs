@@ -96,6 +96,9 @@ pub struct Hooks {
     shutdown: watch::Sender<Option<Instant>>,
     writer: JoinHandle<()>,
     retention: JoinHandle<()>,
+    /// The reconciler, once started; stopped with the hook server, since
+    /// it no longer hears the disconnects it must not undo.
+    reconciler: std::sync::Mutex<Option<JoinHandle<()>>>,
     server: Option<Server>,
 }
 
@@ -130,6 +133,7 @@ impl Hooks {
             shutdown,
             writer,
             retention,
+            reconciler: std::sync::Mutex::new(None),
             server: None,
         }
     }
@@ -209,7 +213,15 @@ impl Hooks {
     /// `reconcile`): after this hook server's outage, after a node loads
     /// the provider, and every `config.every`.
     pub fn reconcile(&self, config: ReconcileConfig) {
-        reconcile::Reconciler::start(config, self.store.clone(), self.core.clone());
+        let task = reconcile::Reconciler::start(config, self.store.clone(), self.core.clone());
+        let old = self
+            .reconciler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(task);
+        if let Some(old) = old {
+            old.abort();
+        }
     }
 
     /// Where the gRPC server listens, once serving.
@@ -268,6 +280,14 @@ impl Hooks {
             );
         }
         self.retention.abort();
+        if let Some(task) = self
+            .reconciler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
         served?;
         Ok(self.core.stats())
     }

@@ -11,7 +11,9 @@
 //! the clients EMQX has and the store lacks (unless their disconnect came
 //! during the pass, and never over a row a connect wrote). Work per pass
 //! is bounded: at most `max_clients` are read, and a node with more is not
-//! pruned (a client beyond the bound is not known to be gone).
+//! pruned (a client beyond the bound is not known to be gone); nor is one
+//! whose list took more than one page, since EMQX's paging may skip a
+//! client when another leaves meanwhile.
 //!
 //! Only the nodes that report to this hook server are reconciled: in a
 //! cluster whose adapters share one database, each keeps its own node's
@@ -55,7 +57,11 @@ struct Changes {
 }
 
 impl Reconciler {
-    pub(crate) fn start(config: ReconcileConfig, store: Arc<dyn Store>, core: Arc<HookCore>) {
+    pub(crate) fn start(
+        config: ReconcileConfig,
+        store: Arc<dyn Store>,
+        core: Arc<HookCore>,
+    ) -> tokio::task::JoinHandle<()> {
         let (tx, rx) = mpsc::unbounded_channel();
         core.set_reconciler(tx);
         let this = Self {
@@ -64,11 +70,11 @@ impl Reconciler {
             core,
             failing: false,
         };
-        tokio::spawn(this.run(rx));
+        tokio::spawn(this.run(rx))
     }
 
     async fn run(mut self, mut asked: mpsc::UnboundedReceiver<String>) {
-        info!(api = %self.config.api.base(), every = ?self.config.every, "presence reconciliation with EMQX's REST API");
+        info!(api = %crate::redact::redact_url(self.config.api.base()), every = ?self.config.every, "presence reconciliation with EMQX's REST API");
         // A cluster of one node names the node this hook server serves
         // before any hook does: its rows are reconciled at once.
         match self.config.api.nodes().await {

@@ -966,3 +966,44 @@ async fn each_listener_speaks_its_own_protocol() {
         .unwrap();
     assert_eq!(driver.adopt("d", &state), Adopted::Unreadable);
 }
+
+/// A `lines` device whose record EMQX answers "connection gone" (it wrote
+/// and closed at once) still gets its `offline`: the session hears of the
+/// end, and its RawPublish needs no connection.
+#[tokio::test]
+async fn a_session_ended_by_a_gone_connection_still_has_its_last_words() {
+    let lines = crate::protocol::lines::Lines::new(crate::protocol::ProtocolConfig {
+        keepalive: Duration::ZERO,
+        ..crate::protocol::ProtocolConfig::default()
+    });
+    let mut f = fixture_of(Arc::new(lines), DriverConfig::default(), None);
+    f.create("c").await;
+    f.bytes("c", "ID d\n", false).await;
+    // Authenticate, Subscribe, RawPublish online, then the OK line.
+    let mut ops = Vec::new();
+    while !matches!(ops.last(), Some(Op::Send(_))) {
+        ops.push(f.next_call().await.1);
+    }
+    assert!(
+        matches!(&ops[2], Op::Call(Call::RawPublish { payload, .. }) if &payload[..] == b"online")
+    );
+    f.script(|_, op| match op {
+        Op::Call(Call::Publish { .. }) => Err(EmqxError::Gone),
+        _ => Ok(()),
+    });
+    f.bytes("c", "t=1\n", false).await;
+    assert!(matches!(
+        f.next_call().await.1,
+        Op::Call(Call::Publish { .. })
+    ));
+    match f.next_call().await.1 {
+        Op::Call(Call::RawPublish { topic, payload, .. }) => {
+            assert_eq!(
+                (topic.as_str(), &payload[..]),
+                ("devices/d/status", &b"offline"[..])
+            );
+        }
+        other => panic!("no offline: {other:?}"),
+    }
+    f.until_empty().await;
+}

@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 
 use super::{queries, Driver, CLIENTID_NOT_ALLOWED};
 use crate::emqx::{EmqxError, Op};
-use crate::protocol::{Call, CallResult, Connection, Event, Request};
+use crate::protocol::{Call, CallResult, Connection, Event, QueryError, Request};
 use crate::registry::{Entry, Item};
 use crate::telemetry;
 
@@ -25,6 +25,13 @@ const MAX_DATAGRAM: usize = 1200;
 
 /// EMQX says the connection process is gone: nothing can reach the client.
 struct Gone;
+
+/// Why a session ended when it has had its last words already.
+const TOLD: &str = "gone, last words said";
+
+/// Requests a session may make once its connection is gone, at most: its
+/// last words are a few calls (a device's `offline`), not a conversation.
+const LAST_WORDS: usize = 16;
 
 impl Driver {
     /// Runs until the mailbox is empty and the output sent, then parks the
@@ -65,6 +72,7 @@ impl Driver {
                 let flow = self.flush(&entry, &mut connection).await;
                 self.budget.release(std::mem::take(&mut unsent));
                 if let Flow::End(why) = flow {
+                    self.last_words(&entry, &mut connection, None).await;
                     self.end(&entry, why);
                     return;
                 }
@@ -93,6 +101,9 @@ impl Driver {
                 parse_errors = now;
             }
             if let Flow::End(why) = flow {
+                if why != "closed" && why != TOLD {
+                    self.last_words(&entry, &mut connection, None).await;
+                }
                 self.end(&entry, why);
                 return;
             }
@@ -159,8 +170,9 @@ impl Driver {
             let is_close = request == Request::Call(Call::Close);
             if carried || is_close {
                 carried = false;
-                if let Flow::End(why) = self.flush(entry, connection).await {
-                    return Flow::End(why);
+                if let Flow::End(_) = self.flush(entry, connection).await {
+                    self.last_words(entry, connection, Some(request)).await;
+                    return Flow::End(TOLD);
                 }
             }
             let outcome = match request {
@@ -183,6 +195,42 @@ impl Driver {
         // Whatever output is left goes with the next queued event's, or
         // alone once the mailbox is empty (see `work`).
         Flow::Continue
+    }
+
+    /// The connection is gone (EMQX said so) without the session having
+    /// been told: it hears `Closed` now, and what it asks for then is
+    /// carried out where no connection is needed (a RawPublish, such as a
+    /// device's `offline`), answered as failed otherwise. `held` is a
+    /// request taken but not carried out. Nothing it says reaches the
+    /// client any more.
+    async fn last_words(&self, entry: &Entry, connection: &mut Connection, held: Option<Request>) {
+        let mut next = held;
+        let mut told = false;
+        for _ in 0..LAST_WORDS {
+            let now = self.registry.now_ms();
+            let request = match next.take().or_else(|| connection.poll_request()) {
+                Some(request) => request,
+                None if !told => {
+                    told = true;
+                    connection.handle(Event::Closed("{shutdown,gone}".into()), now);
+                    continue;
+                }
+                None => break,
+            };
+            let outcome = match request {
+                Request::Call(call @ Call::RawPublish { .. }) => {
+                    Event::Reply(match self.calls.call(&entry.conn, Op::Call(call)).await {
+                        Ok(()) => CallResult::Ok,
+                        Err(e) => CallResult::Failed(e.to_string()),
+                    })
+                }
+                Request::Call(_) => Event::Reply(CallResult::Failed("connection gone".into())),
+                Request::Query(_) => Event::Answer(Err(QueryError::Unavailable)),
+            };
+            connection.handle(outcome, now);
+        }
+        // Whatever it said has nowhere to go.
+        let _ = connection.take_output();
     }
 
     /// One call a session asked for, in the terms it needs for its reply.

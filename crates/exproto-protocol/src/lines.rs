@@ -479,8 +479,11 @@ impl LinesSession {
                 return;
             }
             Pending::Online => {
-                self.online = true;
-                self.generation += 1;
+                // An `online` that did not go out needs no `offline`.
+                if result == CallResult::Ok {
+                    self.online = true;
+                    self.generation += 1;
+                }
                 if !self.by_cert {
                     let ok = format!("OK {}\n", self.clientid);
                     self.out.extend_from_slice(ok.as_bytes());
