@@ -109,6 +109,11 @@ pub fn parse_listener(s: &str) -> Result<ListenerProtocol, String> {
     })
 }
 
+/// A secret, kept out of `Debug` output.
+fn parse_secret(s: &str) -> Result<crate::protocol::Secret, String> {
+    Ok(crate::protocol::Secret::new(s))
+}
+
 /// Clients one reconciliation pass reads per node at most.
 const RECONCILE_MAX_CLIENTS: usize = 100_000;
 
@@ -440,9 +445,10 @@ pub struct ServeArgs {
         env = "EXPROTO_EMQX_API_SECRET",
         value_name = "SECRET",
         hide_env_values = true,
-        requires = "emqx_api"
+        requires = "emqx_api",
+        value_parser = parse_secret
     )]
-    pub emqx_api_secret: Option<String>,
+    pub emqx_api_secret: Option<crate::protocol::Secret>,
 
     /// Seconds between reconciliations of presence with --emqx-api.
     #[arg(long, env = "EXPROTO_RECONCILE_EVERY", default_value = "300", value_parser = parse_positive_seconds, value_name = "SECONDS")]
@@ -453,7 +459,7 @@ pub struct ServeArgs {
     /// provider again first (EMQX unloads then loads it when the hook
     /// server's settings change; when it stops, it unloads it and closes
     /// its clients without reporting them).
-    #[arg(long, env = "EXPROTO_NODE_STOP_GRACE", default_value = "10", value_parser = parse_seconds, value_name = "SECONDS")]
+    #[arg(long, env = "EXPROTO_NODE_STOP_GRACE", default_value = "10", value_parser = parse_positive_seconds, value_name = "SECONDS")]
     pub node_stop_grace: Duration,
 
     /// Hook records (presence changes, messages) waiting for the database
@@ -503,8 +509,7 @@ impl ServeArgs {
             },
             reconcile: self.emqx_api.as_ref().and_then(|url| {
                 let key = self.emqx_api_key.as_deref().unwrap_or_default();
-                let secret =
-                    crate::protocol::Secret::new(self.emqx_api_secret.clone().unwrap_or_default());
+                let secret = self.emqx_api_secret.clone().unwrap_or_default();
                 // Checked when parsed; a key is required with the URL.
                 let api = crate::exhook::EmqxApi::new(url, key, &secret).ok()?;
                 Some(crate::exhook::ReconcileConfig {

@@ -188,6 +188,14 @@ impl HookCore {
             let mut nodes = lock(&self.nodes);
             !nodes.contains(node) && nodes.insert(node.to_owned())
         };
+        // A node whose hooks still come has not stopped, whatever its
+        // last unload said (a settings change whose load came late).
+        {
+            let mut unloaded = self.unloaded_nodes();
+            if !unloaded.is_empty() {
+                unloaded.remove(node);
+            }
+        }
         if new {
             self.ask_reconcile(node);
         }
@@ -286,6 +294,8 @@ impl HookCore {
             let still = core.unloaded_nodes().get(&node) == Some(&n);
             if still {
                 core.unloaded_nodes().remove(&node);
+                // Heard from again, it is reconciled afresh.
+                lock(&core.nodes).remove(&node);
                 info!(%node, "EMQX node stopped: its clients are no longer listed as online");
                 core.repair(Record::NodeCleared {
                     node,

@@ -1058,10 +1058,10 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever arrives and whatever EMQX answers: no panic, records go
-        /// up only for a logged-in device, status only to its own topic,
-        /// `offline` at most once and only after `online`, and nothing
-        /// but calls that end a session once the socket is gone.
+        /// Whatever arrives and whatever EMQX answers: no panic, no record
+        /// goes up before a login was asked for, status only to the
+        /// device's own topic, `online` at most once and `offline` never
+        /// before it, and every line sent is one of the protocol's.
         #[test]
         fn arbitrary_events_keep_the_rules(
             udp in proptest::bool::ANY,
