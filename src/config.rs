@@ -117,6 +117,17 @@ fn parse_secret(s: &str) -> Result<crate::protocol::Secret, String> {
 /// Clients one reconciliation pass reads per node at most.
 const RECONCILE_MAX_CLIENTS: usize = 100_000;
 
+fn parse_ws_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("ws://")
+        .or_else(|| s.strip_prefix("wss://"))
+        .ok_or_else(|| format!("{s:?}: expected ws://HOST:PORT/PATH or wss://..."))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{s:?}: no host"));
+    }
+    Ok(s.to_owned())
+}
+
 fn parse_emqx_api(s: &str) -> Result<String, String> {
     crate::exhook::EmqxApi::new(s, "check", &crate::protocol::Secret::default())
         .map(|_| s.to_owned())
@@ -161,9 +172,43 @@ pub struct ServeArgs {
     #[arg(long, env = "EXPROTO_CONFIG", value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
 
-    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    /// Serve Prometheus metrics on this address (`GET /metrics`). With
+    /// --http, leave it out: that listener serves /metrics too.
     #[arg(long, env = "EXPROTO_METRICS", value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+
+    /// The HTTP listener: the chat page at `/`, the JSON API
+    /// (`/api/v1/presence`, `/api/v1/history`) and `/metrics`. Beyond a
+    /// loopback address it needs --http-token or --http-user.
+    #[arg(long, env = "EXPROTO_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// Let HTTP requests in with `Authorization: Bearer TOKEN` (scripts).
+    #[arg(long, env = "EXPROTO_HTTP_TOKEN", value_name = "TOKEN", hide_env_values = true, value_parser = parse_secret, requires = "http")]
+    pub http_token: Option<crate::protocol::Secret>,
+
+    /// Let HTTP requests in with these basic-auth credentials, which a
+    /// browser asks for when it opens the page.
+    #[arg(
+        long,
+        env = "EXPROTO_HTTP_USER",
+        value_name = "USER:PASSWORD",
+        hide_env_values = true,
+        requires = "http"
+    )]
+    pub http_user: Option<crate::web::BasicUser>,
+
+    /// The URL of EMQX's MQTT-over-WebSocket listener that the chat page
+    /// connects to (default: the page's host, port 8083, path /mqtt,
+    /// EMQX's `ws:default`).
+    #[arg(long, env = "EXPROTO_WS_URL", value_name = "URL", value_parser = parse_ws_url, requires = "http")]
+    pub ws_url: Option<String>,
+
+    /// Have the chat page ask for a username and password before it
+    /// connects, for an EMQX whose MQTT listeners authenticate (without
+    /// it, the page connects at once under a generated name).
+    #[arg(long, env = "EXPROTO_PAGE_LOGIN", requires = "http")]
+    pub page_login: bool,
 
     /// Address the handler gRPC services listen on; EMQX's
     /// `gateway.exproto.handler.address` points here.
@@ -579,6 +624,16 @@ impl ServeArgs {
             presence,
             state_dir: self.state_dir.clone(),
             metrics: self.metrics,
+            http: self.http.map(|addr| crate::web::HttpConfig {
+                addr,
+                token: self.http_token.clone(),
+                user: self.http_user.clone(),
+                page: crate::web::PageSettings {
+                    ws_url: self.ws_url.clone(),
+                    login: self.page_login,
+                    ..crate::web::PageSettings::default()
+                },
+            }),
             upgrade: self.upgrade_socket.as_ref().map(|socket| UpgradeConfig {
                 socket: socket.clone(),
                 required: self.upgrade_required,

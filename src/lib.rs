@@ -24,6 +24,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upgrade;
+pub mod web;
 
 /// The sans-IO protocol layer, a crate of its own (`exproto-protocol`) so
 /// that protocol authors compile neither tonic nor a database driver.

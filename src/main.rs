@@ -6,12 +6,13 @@ use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
 use exproto_adapter::config::{parse_clientid_policy, parse_seconds, parse_store, ServeArgs};
-use exproto_adapter::dev_gateway::{ApiListen, DevGateway, GatewayArgs};
+use exproto_adapter::config_file;
+use exproto_adapter::dev_gateway::{ApiListen, DevGateway, GatewayArgs, OptionalAddr};
 use exproto_adapter::exhook::{EmqxApi, ReconcileConfig};
 use exproto_adapter::protocol::{ClientidPolicy, Secret};
 use exproto_adapter::server::{Ended, RunningAdapter, Server};
 use exproto_adapter::store::StoreUrl;
-use exproto_adapter::{config_file, telemetry};
+use exproto_adapter::web::{HttpConfig, PageSettings};
 
 /// An EMQX ExProto handler: lets raw TCP clients speak a line protocol to
 /// the EMQX MQTT broker.
@@ -94,9 +95,20 @@ struct DemoArgs {
     #[arg(long, env = "EXPROTO_CLIENTID_POLICY", default_value = "username", value_parser = parse_clientid_policy, value_name = "POLICY")]
     clientid_policy: ClientidPolicy,
 
-    /// Serve the adapter's Prometheus metrics on this address.
+    /// Serve the adapter's Prometheus metrics on this address (with
+    /// `--http off`; otherwise the HTTP listener serves /metrics).
     #[arg(long, env = "EXPROTO_METRICS", value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+
+    /// The adapter's HTTP listener: the chat page, the JSON API and
+    /// /metrics (`serve --http`); `off` for none.
+    #[arg(
+        long,
+        env = "EXPROTO_HTTP",
+        default_value = "127.0.0.1:18080",
+        value_name = "ADDR|off"
+    )]
+    http: OptionalAddr,
 }
 
 /// The `host:port` an `http://host:port` URL names.
@@ -174,11 +186,20 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         store,
         ..ServeArgs::default()
     };
-    if let Some(addr) = args.metrics {
-        metrics_on(addr).await?;
-    }
-    let adapter = Server::builder(serve.to_config()).start().await?;
     let mut gateway_config = args.gateway.into_config()?;
+    let mut adapter_config = serve.to_config();
+    adapter_config.metrics = args.metrics;
+    adapter_config.http = args.http.0.map(|addr| HttpConfig {
+        addr,
+        token: None,
+        user: None,
+        page: PageSettings {
+            // Where anyone may connect the page enters at once.
+            login: gateway_config.users.is_some(),
+            ..PageSettings::default()
+        },
+    });
+    let adapter = Server::builder(adapter_config).start().await?;
     if let Some(hooks) = adapter.hooks().and_then(|h| h.addr()) {
         gateway_config.exhook = Some(format!("http://{hooks}"));
         // Presence reconciled as beside a real EMQX: the gateway's REST
@@ -213,6 +234,24 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             every: ServeArgs::default().reconcile_every,
             max_clients: 100_000,
         });
+    }
+    let ws_url = gateway.ws_addr().map(|at| format!("ws://{at}/mqtt"));
+    if let Some(web) = adapter.web() {
+        web.set_ws_url(ws_url.clone());
+        tracing::info!(
+            "chat page: http://{}/ (MQTT over WebSocket: {})",
+            web.addr(),
+            ws_url
+                .as_deref()
+                .unwrap_or("off, so the page cannot connect")
+        );
+    }
+    if let Some(at) = gateway.mqtt_addr() {
+        tracing::info!(
+            "MQTT clients: mqtt://{at} (e.g. mosquitto_sub -h {} -p {} -t 'chat/#' -v)",
+            at.ip(),
+            at.port()
+        );
     }
     let addr = gateway.client_addr();
     tracing::info!(
@@ -364,14 +403,6 @@ async fn run_until_signalled(
             },
         }
     }
-}
-
-async fn metrics_on(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    // The demo hands nothing over: its metrics run until exit.
-    telemetry::install_prometheus(listener, Default::default())
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {

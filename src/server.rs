@@ -67,7 +67,10 @@ pub struct AdapterConfig {
     /// in memory only.
     pub state_dir: Option<std::path::PathBuf>,
     /// Where Prometheus metrics are served (`GET /metrics`); `None`: not.
+    /// With `http`, it must be `None` or the same address.
     pub metrics: Option<SocketAddr>,
+    /// The HTTP listener: metrics, the JSON API, the chat page.
+    pub http: Option<crate::web::HttpConfig>,
     /// Takeover from (and by) another adapter process (`--upgrade-socket`).
     pub upgrade: Option<UpgradeConfig>,
 }
@@ -128,6 +131,7 @@ impl Default for AdapterConfig {
             presence: None,
             state_dir: None,
             metrics: None,
+            http: None,
             upgrade: None,
         }
     }
@@ -153,6 +157,8 @@ pub struct RunningAdapter {
     /// Says NOT_SERVING once shutdown begins, so orchestrators stop routing.
     health: tonic_health::server::HealthReporter,
     presence: Option<Presence>,
+    /// The HTTP listener's handle, with `http`.
+    web: Option<crate::web::Web>,
     /// Cancelled to stop every accept loop (handler, hook, HTTP) at once.
     accepting: CancellationToken,
     /// Duplicates of the listening sockets, for a successor.
@@ -229,6 +235,11 @@ impl RunningAdapter {
     /// The ExHook server, when presence and history are enabled.
     pub fn hooks(&self) -> Option<&Hooks> {
         self.presence.as_ref().map(|p| &p.hooks)
+    }
+
+    /// The HTTP listener (chat page, JSON API, metrics), with `http`.
+    pub fn web(&self) -> Option<&crate::web::Web> {
+        self.web.as_ref()
     }
 
     /// The store, when presence and history are enabled.
@@ -523,6 +534,18 @@ impl ServerBuilder {
             .validate()
             .map_err(anyhow::Error::msg)?;
         let protocol = resolve_protocols(&config, &protocols, &registered)?;
+        let http_at = match (&config.http, config.metrics) {
+            (Some(http), Some(metrics)) if metrics != http.addr => anyhow::bail!(
+                "--metrics {metrics} and --http {}: the HTTP listener serves /metrics too; \
+                 give only --http",
+                http.addr
+            ),
+            (Some(http), _) => {
+                http.validate().map_err(anyhow::Error::msg)?;
+                Some(http.addr)
+            }
+            (None, metrics) => metrics,
+        };
         let emqx = match emqx {
             Some(emqx) => emqx,
             None => dial_emqx(&config)?,
@@ -611,11 +634,23 @@ impl ServerBuilder {
             }
             None => (None, None),
         };
-        if let Some(at) = config.metrics {
-            let l =
-                bind_or_inherit(from.as_mut().and_then(|i| i.http.take()), at, "metrics").await?;
+        let mut web = None;
+        if let Some(at) = http_at {
+            let l = bind_or_inherit(from.as_mut().and_then(|i| i.http.take()), at, "HTTP").await?;
             offered.add(Role::Http, l.as_fd())?;
-            crate::telemetry::install_prometheus(l, accepting.clone())?;
+            match &config.http {
+                Some(http) => {
+                    let metrics = crate::telemetry::metrics_routes()?;
+                    web = Some(crate::web::serve(
+                        l,
+                        http,
+                        reader.clone(),
+                        Some(metrics),
+                        accepting.clone(),
+                    )?);
+                }
+                None => crate::telemetry::install_prometheus(l, accepting.clone())?,
+            }
         }
         if let Some(i) = from.as_mut() {
             if let Some(u) = i.upgrade.take() {
@@ -713,6 +748,7 @@ impl ServerBuilder {
             grace: config.shutdown_grace,
             health,
             presence,
+            web,
             accepting,
             offered,
             upgrade: upgrade_listener,

@@ -43,16 +43,46 @@ pub const RECONCILIATIONS: &str = "exproto_presence_reconciliations_total";
 /// epoch (gauge).
 pub const RECONCILED_AT: &str = "exproto_presence_reconciled_timestamp_seconds";
 
-/// Makes a Prometheus recorder the process's metrics recorder and serves
-/// its text on `listener` at `GET /metrics`, until `accepting` is
-/// cancelled (then open requests finish).
+/// Serves the metrics' text on `listener` at `GET /metrics` (see
+/// [`metrics_routes`]), until `accepting` is cancelled (then open requests
+/// finish).
 ///
 /// # Errors
-/// When a recorder is already installed.
+/// When another kind of recorder is already installed.
 pub fn install_prometheus(
     listener: TcpListener,
     accepting: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
+    let app = metrics_routes()?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    // axum's accept loop waits after an error such as EMFILE instead of
+    // retrying at once.
+    tokio::spawn(async move {
+        let serving =
+            axum::serve(listener, app).with_graceful_shutdown(accepting.cancelled_owned());
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// `GET /metrics`, for any HTTP listener. The first call makes a
+/// Prometheus recorder the process's metrics recorder; later calls (a
+/// second adapter in the same process, as in tests) share it.
+///
+/// # Errors
+/// When another kind of recorder is already installed.
+pub fn metrics_routes() -> anyhow::Result<axum::Router> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = HANDLE.get() {
+        return Ok(endpoint(handle.clone()));
+    }
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(EMQX_CALL_SECONDS.into()),
@@ -66,19 +96,8 @@ pub fn install_prometheus(
     metrics::set_global_recorder(recorder)
         .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
     describe();
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "metrics on http://{addr}/metrics");
-    let app = endpoint(handle);
-    // axum's accept loop waits after an error such as EMFILE instead of
-    // retrying at once.
-    tokio::spawn(async move {
-        let serving =
-            axum::serve(listener, app).with_graceful_shutdown(accepting.cancelled_owned());
-        if let Err(e) = serving.await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok(())
+    let _ = HANDLE.set(handle.clone());
+    Ok(endpoint(handle))
 }
 
 fn endpoint(handle: PrometheusHandle) -> axum::Router {

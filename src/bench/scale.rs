@@ -248,7 +248,7 @@ pub async fn establish(plan: &ScalePlan, counts: &Counts) -> anyhow::Result<(Dur
                 .buffer_unordered(plan.concurrency.max(1));
             while let Some(r) = opened.next().await {
                 keep.push(r?);
-                if keep.len() % 1000 == 0 {
+                if keep.len().is_multiple_of(1000) {
                     tracing::info!(opened = keep.len(), "streams opened");
                 }
             }

@@ -223,6 +223,9 @@ impl ConnectionAdapter for AdapterService {
         match &self.shared.router {
             Router::Memory(router) => {
                 router.publish(&msg);
+                if let Some(broker) = &self.shared.broker {
+                    broker.forward(&msg).await;
+                }
             }
             Router::Mqtt(router) => {
                 if let Err(e) = router.raw_publish(&req.topic, req.qos, req.payload).await {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::auth::{DenyRule, EmqxCompat, Users};
+use super::broker::BrokerListen;
 use super::rest::ApiListen;
 use super::tls::TlsListen;
 
@@ -40,6 +41,10 @@ pub struct GatewayConfig {
     /// Where UDP clients send datagrams (EMQX's exproto UDP listener); one
     /// connection per peer address. `None`: no UDP listener.
     pub udp_listen: Option<SocketAddr>,
+    /// The embedded MQTT broker's listeners (EMQX's `tcp:default` and
+    /// `ws:default`); both `None` (the default here): no broker. Unused
+    /// with `mqtt`, which routes through an external broker instead.
+    pub broker: BrokerListen,
     /// Where the ConnectionAdapter gRPC service listens (EMQX's
     /// `gateway.exproto.server.bind`, `9100`).
     pub adapter_listen: SocketAddr,
@@ -104,6 +109,7 @@ impl Default for GatewayConfig {
             tls_listen: None,
             api: None,
             udp_listen: None,
+            broker: BrokerListen::default(),
             adapter_listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
             handler: "http://127.0.0.1:9001".to_owned(),
             handler_mode: HandlerMode::Unary,
@@ -279,6 +285,28 @@ pub struct GatewayArgs {
     /// Off if unset.
     #[arg(long, env = "EXPROTO_GATEWAY_UDP_LISTEN", value_name = "ADDR")]
     pub udp_listen: Option<SocketAddr>,
+
+    /// Address for MQTT clients (3.1.1 and 5) of the embedded broker, as
+    /// EMQX's `tcp:default` listener; `off` for none. A port that is taken
+    /// is reported and left out. Unused with --mqtt.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_MQTT_LISTEN",
+        default_value = "127.0.0.1:1883",
+        value_name = "ADDR|off"
+    )]
+    pub mqtt_listen: OptionalAddr,
+
+    /// Address for MQTT over WebSocket (path `/mqtt`) of the embedded
+    /// broker, as EMQX's `ws:default` listener, for browsers; `off` for
+    /// none. Unused with --mqtt.
+    #[arg(
+        long,
+        env = "EXPROTO_GATEWAY_WS_LISTEN",
+        default_value = "127.0.0.1:8083",
+        value_name = "ADDR|off"
+    )]
+    pub ws_listen: OptionalAddr,
 
     /// Address of the ConnectionAdapter gRPC service that the adapter calls
     /// (EMQX's gateway.exproto.server.bind).
@@ -465,6 +493,10 @@ impl GatewayArgs {
             also_listen: also_listen.to_vec(),
             tls_listen,
             udp_listen: self.udp_listen,
+            broker: BrokerListen {
+                mqtt: self.mqtt_listen.0,
+                ws: self.ws_listen.0,
+            },
             adapter_listen: self.adapter_listen,
             handler: self.handler,
             handler_mode: self.handler_service,
@@ -494,6 +526,23 @@ impl TryFrom<GatewayArgs> for GatewayConfig {
 
     fn try_from(args: GatewayArgs) -> anyhow::Result<Self> {
         args.into_config()
+    }
+}
+
+/// An address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("{s:?}: expected IP:PORT or off"))
     }
 }
 

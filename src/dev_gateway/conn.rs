@@ -945,6 +945,9 @@ impl Conn {
                 let msg = make_message(&self.shared.cfg.node, clientid, topic_name, qos, payload);
                 report(&msg);
                 router.publish(&msg);
+                if let Some(broker) = &self.shared.broker {
+                    broker.forward(&msg).await;
+                }
             }
             (Router::Mqtt(_), Some(session)) => {
                 // The broker gives the delivered copies their own ids.

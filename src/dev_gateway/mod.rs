@@ -30,6 +30,7 @@
 
 mod adapter;
 mod auth;
+mod broker;
 mod codes;
 mod config;
 mod conn;
@@ -60,7 +61,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 pub use self::auth::{AuthConfigError, DenyAction, DenyRule, EmqxCompat, Secret, Users};
-pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode};
+pub use self::broker::BrokerListen;
+pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode, OptionalAddr};
 pub use self::control::Faults;
 pub use self::exhook::ExhookStats;
 pub use self::faults::{Fault, ListHold, Method};
@@ -68,6 +70,7 @@ pub use crate::pb::ResultCode;
 
 use self::adapter::AdapterServer;
 use self::auth::Access;
+use self::broker::Broker;
 use self::exhook::HookClient;
 use self::faults::FaultState;
 use self::handler::HandlerClient;
@@ -173,6 +176,12 @@ impl DevGateway {
             Some(url) => Router::Mqtt(MqttRouter::connect(url, &cfg.node).await?),
             None => Router::Memory(MemoryRouter::default()),
         };
+        let broker = match (&cfg.mqtt, cfg.broker) {
+            (None, listen) if listen != BrokerListen::default() => {
+                Broker::bind(listen, cfg.users.is_none(), &cfg.node).await?
+            }
+            _ => None,
+        };
         let faults = Arc::new(FaultState::default());
         let handler = HandlerClient::new(
             &cfg.handler,
@@ -203,6 +212,7 @@ impl DevGateway {
             handler,
             faults,
             exhook,
+            broker,
             shutdown,
             stats: Counters::default(),
         });
@@ -228,6 +238,9 @@ impl DevGateway {
             exhook = shared.cfg.exhook.as_deref().unwrap_or("off"),
             "dev gateway started"
         );
+        if let Some(broker) = &shared.broker {
+            broker.run(Arc::downgrade(&shared)).await;
+        }
         if let (Some(listener), Some(api)) = (api_listener, &shared.cfg.api) {
             rest::serve(listener, api, shared.clone());
         }
@@ -262,6 +275,18 @@ impl DevGateway {
     /// Where TLS clients connect, with `tls_listen`.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// Where MQTT clients connect over TCP (the embedded broker's
+    /// `mqtt_listen`), if it listens.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.shared.broker.as_ref().and_then(|b| b.mqtt_addr)
+    }
+
+    /// Where MQTT clients connect over WebSocket (path `/mqtt`), if the
+    /// embedded broker listens there.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.shared.broker.as_ref().and_then(|b| b.ws_addr)
     }
 
     /// Where UDP clients send datagrams, with `udp_listen`.
@@ -318,6 +343,9 @@ impl DevGateway {
             }
         }
         self.adapter.stop().await;
+        if let Some(broker) = &self.shared.broker {
+            broker.stop().await;
+        }
         if let Some(exhook) = &self.shared.exhook {
             exhook.stopped().await;
         }

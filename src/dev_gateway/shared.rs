@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Access;
+use super::broker::Broker;
 use super::config::GatewayConfig;
 use super::exhook::HookClient;
 use super::faults::FaultState;
@@ -26,6 +27,8 @@ pub(crate) struct Shared {
     pub faults: Arc<FaultState>,
     /// The ExHook client, when `cfg.exhook` names a hook server.
     pub exhook: Option<HookClient>,
+    /// The embedded MQTT broker, unless off or replaced by `cfg.mqtt`.
+    pub broker: Option<Broker>,
     /// Cancelled when the gateway stops; everything watches it.
     pub shutdown: CancellationToken,
     /// Calls counted for load tests (`exproto-adapter bench`).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{Presence, Retention, Store, StoreError, StoredMessage, WhoPage};
+use super::{HistoryCursor, Presence, Retention, Store, StoreError, StoredMessage, WhoPage};
 
 /// What the wrapped database does right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +160,18 @@ impl Store for FaultyStore {
         Box::pin(async move {
             self.gate().await?;
             self.inner.history_newest(topic, n).await
+        })
+    }
+
+    fn history_before<'a>(
+        &'a self,
+        topic: &'a str,
+        n: usize,
+        before: &'a HistoryCursor,
+    ) -> BoxFuture<'a, Result<Option<Vec<StoredMessage>>, StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.history_before(topic, n, before).await
         })
     }
 

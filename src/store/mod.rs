@@ -66,6 +66,15 @@ pub struct StoredMessage {
     pub timestamp_ms: u64,
 }
 
+/// Where a page of older history ends (exclusive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryCursor {
+    /// Messages stored before this one (by its EMQX message id).
+    Id(String),
+    /// Messages with an EMQX timestamp before this, in ms since the epoch.
+    Time(u64),
+}
+
 /// How much history is kept; `None` means no limit of that kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
@@ -225,6 +234,19 @@ pub trait Store: Send + Sync + 'static {
         topic: &'a str,
         n: usize,
     ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>>;
+
+    /// The newest `n` messages of `topic` older than `before`, oldest
+    /// first; `None` when `before` names a message id that `topic` does
+    /// not hold.
+    ///
+    /// # Errors
+    /// A database failure.
+    fn history_before<'a>(
+        &'a self,
+        topic: &'a str,
+        n: usize,
+        before: &'a HistoryCursor,
+    ) -> BoxFuture<'a, Result<Option<Vec<StoredMessage>>, StoreError>>;
 
     /// Deletes what `retention` no longer keeps, as of `now_ms`; returns
     /// how many messages were deleted.

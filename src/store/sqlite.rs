@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 
 use super::{
-    age_cutoff, from_db_ms, migrations, prefix_end, sql_limit, to_db_ms, Presence, Retention,
-    Store, StoreError, StoredMessage, WhoPage,
+    age_cutoff, from_db_ms, migrations, prefix_end, sql_limit, to_db_ms, HistoryCursor, Presence,
+    Retention, Store, StoreError, StoredMessage, WhoPage,
 };
 
 /// Presence and history in SQLite.
@@ -252,18 +252,65 @@ impl Store for SqliteStore {
             .bind(sql_limit(n))
             .fetch_all(&self.pool)
             .await?;
+            rows.iter().map(stored_message).collect()
+        })
+    }
+
+    fn history_before<'a>(
+        &'a self,
+        topic: &'a str,
+        n: usize,
+        before: &'a HistoryCursor,
+    ) -> BoxFuture<'a, Result<Option<Vec<StoredMessage>>, StoreError>> {
+        Box::pin(async move {
+            let rows = match before {
+                HistoryCursor::Time(ms) => {
+                    sqlx::query(
+                        "SELECT msg_id, topic, sender, payload, qos, ts FROM \
+                         (SELECT * FROM exproto_history WHERE topic = ? AND ts < ? \
+                          ORDER BY ts DESC, seq DESC LIMIT ?) AS older \
+                         ORDER BY ts, seq",
+                    )
+                    .bind(topic)
+                    .bind(to_db_ms(*ms))
+                    .bind(sql_limit(n))
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+                HistoryCursor::Id(id) => {
+                    // The cursor is looked up within the topic asked for, so
+                    // an id from another topic finds nothing.
+                    let Some(at) = sqlx::query(
+                        "SELECT ts, seq FROM exproto_history WHERE topic = ? AND msg_id = ?",
+                    )
+                    .bind(topic)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    else {
+                        return Ok(None);
+                    };
+                    let ts: i64 = at.try_get(0)?;
+                    let seq: i64 = at.try_get(1)?;
+                    sqlx::query(
+                        "SELECT msg_id, topic, sender, payload, qos, ts FROM \
+                         (SELECT * FROM exproto_history WHERE topic = ? AND (ts < ? OR (ts = ? AND seq < ?)) \
+                          ORDER BY ts DESC, seq DESC LIMIT ?) AS older \
+                         ORDER BY ts, seq",
+                    )
+                    .bind(topic)
+                    .bind(ts)
+                    .bind(ts)
+                    .bind(seq)
+                    .bind(sql_limit(n))
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+            };
             rows.iter()
-                .map(|r| {
-                    Ok(StoredMessage {
-                        id: r.try_get::<Option<String>, _>(0)?.unwrap_or_default(),
-                        topic: r.try_get(1)?,
-                        from: r.try_get(2)?,
-                        payload: Bytes::from(r.try_get::<Vec<u8>, _>(3)?),
-                        qos: u8::try_from(r.try_get::<i32, _>(4)?).unwrap_or(0),
-                        timestamp_ms: from_db_ms(r.try_get(5)?),
-                    })
-                })
-                .collect()
+                .map(stored_message)
+                .collect::<Result<_, _>>()
+                .map(Some)
         })
     }
 
@@ -296,4 +343,16 @@ impl Store for SqliteStore {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.pool.close())
     }
+}
+
+/// A history row as the store hands it out.
+fn stored_message(r: &sqlx::sqlite::SqliteRow) -> Result<StoredMessage, StoreError> {
+    Ok(StoredMessage {
+        id: r.try_get::<Option<String>, _>(0)?.unwrap_or_default(),
+        topic: r.try_get(1)?,
+        from: r.try_get(2)?,
+        payload: Bytes::from(r.try_get::<Vec<u8>, _>(3)?),
+        qos: u8::try_from(r.try_get::<i32, _>(4)?).unwrap_or(0),
+        timestamp_ms: from_db_ms(r.try_get(5)?),
+    })
 }
