@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use exproto_adapter::store::{self, Presence, Retention, Store, StoredMessage, WhoPage};
+use exproto_adapter::store::{
+    self, HistoryCursor, Presence, Retention, Store, StoredMessage, WhoPage,
+};
 use futures::FutureExt;
 use support::unique_name;
 
@@ -103,6 +105,7 @@ suite!(
     history_ignores_a_duplicate_id,
     history_gives_the_newest_oldest_first,
     history_keeps_every_byte,
+    history_pages_back_by_id_or_time_within_one_topic,
     retention_caps_each_topic,
     retention_drops_old_messages,
     reopening_migrates_nothing_twice,
@@ -309,6 +312,70 @@ async fn history_gives_the_newest_oldest_first(t: Target) {
         ["zeroth", "first", "second", "third"]
     );
     assert_eq!(payloads(s, "c", 2).await, ["second", "third"]);
+}
+
+async fn history_pages_back_by_id_or_time_within_one_topic(t: Target) {
+    let s = &*t.store;
+    // Two share a timestamp, so paging by id must also use the stored order.
+    let batch = [
+        msg("a0", "chat/a", 1_000, "m0"),
+        msg("a1", "chat/a", 2_000, "m1"),
+        msg("a2", "chat/a", 2_000, "m2"),
+        msg("a3", "chat/a", 3_000, "m3"),
+        msg("b0", "chat/b", 1_500, "other"),
+    ];
+    s.history_insert(&batch).await.unwrap();
+    let texts = |page: Option<Vec<StoredMessage>>| -> Vec<String> {
+        page.expect("a page")
+            .into_iter()
+            .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+            .collect()
+    };
+    let by_id = |id: &str| HistoryCursor::Id(id.to_owned());
+    assert_eq!(
+        texts(s.history_before("chat/a", 10, &by_id("a3")).await.unwrap()),
+        ["m0", "m1", "m2"]
+    );
+    assert_eq!(
+        texts(s.history_before("chat/a", 1, &by_id("a3")).await.unwrap()),
+        ["m2"]
+    );
+    assert_eq!(
+        texts(s.history_before("chat/a", 10, &by_id("a2")).await.unwrap()),
+        ["m0", "m1"]
+    );
+    assert!(texts(s.history_before("chat/a", 10, &by_id("a0")).await.unwrap()).is_empty());
+    assert_eq!(
+        texts(
+            s.history_before("chat/a", 10, &HistoryCursor::Time(2_000))
+                .await
+                .unwrap()
+        ),
+        ["m0"]
+    );
+    assert_eq!(
+        texts(
+            s.history_before("chat/a", 2, &HistoryCursor::Time(9_000))
+                .await
+                .unwrap()
+        ),
+        ["m2", "m3"]
+    );
+    // Another topic's id names nothing here, and its messages never show.
+    assert_eq!(
+        s.history_before("chat/a", 10, &by_id("b0")).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.history_before("chat/a", 10, &by_id("nope"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        texts(s.history_before("chat/b", 10, &by_id("b0")).await.unwrap()),
+        Vec::<String>::new()
+    );
 }
 
 async fn history_keeps_every_byte(t: Target) {

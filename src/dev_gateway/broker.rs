@@ -283,6 +283,13 @@ impl Handler for Hooks {
                 }
                 (true, acc)
             }
+            // rmqtt runs this hook before its publish ACL check, EMQX after
+            // its authorization: a denied message must not get this far.
+            Parameter::MessagePublish(Some(_), _, publish)
+                if shared.access.publish_denied(&publish.topic) =>
+            {
+                (true, acc)
+            }
             Parameter::MessagePublish(Some(session), _, publish) => {
                 // EMQX runs message.publish before it routes the message.
                 let msg = make_message(

@@ -100,6 +100,17 @@ impl Stack {
         gateway: impl FnOnce(&mut GatewayConfig),
         presence: impl FnOnce(&mut PresenceConfig),
     ) -> Stack {
+        Stack::presence_and(store, gateway, presence, |_, _| {}).await
+    }
+
+    /// [`Stack::presence_tuned`] with the adapter's settings adjusted too,
+    /// knowing the running gateway.
+    pub async fn presence_and(
+        store: &str,
+        gateway: impl FnOnce(&mut GatewayConfig),
+        presence: impl FnOnce(&mut PresenceConfig),
+        adapter: impl FnOnce(&DevGateway, &mut AdapterConfig),
+    ) -> Stack {
         // Both adapter ports are bound first: the gateway must know them
         // before it starts, and the adapter must know the gateway's
         // ConnectionAdapter port before it starts. The gateway's first
@@ -121,13 +132,14 @@ impl Stack {
             tls: None,
         };
         presence(&mut presence_config);
-        let acfg = AdapterConfig {
+        let mut acfg = AdapterConfig {
             listen: listener.local_addr().unwrap(),
             emqx: format!("http://{}", gw.adapter_addr()),
             call_timeout: Duration::from_secs(2),
             presence: Some(presence_config),
             ..AdapterConfig::default()
         };
+        adapter(&gw, &mut acfg);
         let running = Server::builder(acfg)
             .handler_listener(listener)
             .hook_listener(hook_listener)
