@@ -236,8 +236,14 @@ pub fn render(matches: &clap::ArgMatches, from_file: &BTreeSet<String>) -> Strin
         let shown: Vec<String> = values
             .iter()
             .map(|v| {
-                if key.contains("password") || key.contains("secret") {
+                if key.contains("password") || key.contains("secret") || key.contains("token") {
                     "***".to_string()
+                } else if key == "http_user" {
+                    // USER:PASSWORD: the user may be shown.
+                    match v.split_once(':') {
+                        Some((user, _)) => format!("{user}:***"),
+                        None => "***".to_string(),
+                    }
                 } else {
                     redact_url(v)
                 }
@@ -384,5 +390,23 @@ mod tests {
                 "{url} shown as:\n{shown}"
             );
         }
+    }
+
+    #[test]
+    fn the_http_credentials_are_masked() {
+        let m = serve_command()
+            .try_get_matches_from([
+                "--http",
+                "0.0.0.0:18080",
+                "--http-token",
+                "t0ken-xyz",
+                "--http-user",
+                "ann:pa55word",
+            ])
+            .unwrap();
+        let shown = render(&m, &BTreeSet::new());
+        assert!(shown.contains("http_token = \"***\""), "{shown}");
+        assert!(shown.contains("http_user = \"ann:***\""), "{shown}");
+        assert!(!shown.contains("t0ken-xyz") && !shown.contains("pa55word"));
     }
 }
