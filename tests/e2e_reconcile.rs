@@ -26,6 +26,25 @@ use tokio::net::TcpListener;
 struct Ports {
     handler: SocketAddr,
     hooks: SocketAddr,
+    /// Both listeners, bound when the ports were picked and held until the
+    /// first adapter takes them, so nothing else gets those ports between.
+    held: std::sync::Mutex<Option<(TcpListener, TcpListener)>>,
+}
+
+/// Binds `at` again after an adapter that held it stopped. An outgoing
+/// connection of this process may hold that port number for a moment
+/// (the OS hands out freed ports), so a refusal is tried again, bounded.
+async fn rebind(at: SocketAddr) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(at).await {
+            Ok(l) => return l,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot bind {at} again: {e}"),
+        }
+    }
 }
 
 async fn adapter(gw: &DevGateway, ports: &Ports, store: &str, api: Option<&str>) -> RunningAdapter {
@@ -49,9 +68,13 @@ async fn adapter(gw: &DevGateway, ports: &Ports, store: &str, api: Option<&str>)
         ..AdapterConfig::default()
     };
     let emqx = GrpcAdapter::new(&config.emqx, config.call_timeout).unwrap();
-    // The ports the previous adapter left are bound again.
-    let handler = TcpListener::bind(ports.handler).await.unwrap();
-    let hooks = TcpListener::bind(ports.hooks).await.unwrap();
+    // The first adapter takes the listeners held since the ports were
+    // picked; a later one binds the ports the previous one left.
+    let held = ports.held.lock().unwrap().take();
+    let (handler, hooks) = match held {
+        Some(both) => both,
+        None => (rebind(ports.handler).await, rebind(ports.hooks).await),
+    };
     Server::builder(config)
         .handler_listener(handler)
         .hook_listener(hooks)
@@ -70,8 +93,8 @@ async fn gateway(hooks: bool) -> (DevGateway, Ports, String) {
     let ports = Ports {
         handler: handler.local_addr().unwrap(),
         hooks: hook_listener.local_addr().unwrap(),
+        held: std::sync::Mutex::new(Some((handler, hook_listener))),
     };
-    drop((handler, hook_listener));
     let mut gcfg = GatewayConfig::for_tests(format!("http://{}", ports.handler));
     if hooks {
         gcfg.exhook = Some(format!("http://{}", ports.hooks));

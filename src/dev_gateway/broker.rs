@@ -30,11 +30,12 @@ use rmqtt::session::SessionState;
 use rmqtt::types::SubscribeAclResult;
 use rmqtt::types::{AuthResult, ClientId, From, Id, Publish, PublishAclResult, Reason};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-use super::exhook;
+use super::auth::Access;
+use super::config::BrokerListen;
+use super::exhook::{self, HookClient};
 use super::message::make_message;
-use super::router::Router;
-use super::shared::Shared;
 use crate::pb;
 
 /// The listener ids rmqtt keys its settings by (its default is the port,
@@ -42,11 +43,15 @@ use crate::pb;
 const TCP_ID: u16 = 1;
 const WS_ID: u16 = 2;
 
-/// Where the embedded broker listens; `None`: not on that transport.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BrokerListen {
-    pub mqtt: Option<SocketAddr>,
-    pub ws: Option<SocketAddr>,
+/// What the broker's hooks need of the gateway they are part of; the
+/// gateway's shared state implements it, so this module needs nothing
+/// above it.
+pub(crate) trait Gateway: Send + Sync {
+    fn access(&self) -> &Access;
+    fn node(&self) -> &str;
+    fn exhook(&self) -> Option<&HookClient>;
+    /// Hands an MQTT client's message to the gateway's own subscribers.
+    fn route(&self, msg: &pb::Message);
 }
 
 /// A running embedded broker.
@@ -113,9 +118,9 @@ impl Broker {
         }))
     }
 
-    /// Puts the gateway's hooks in and starts accepting. The hooks hold the
-    /// gateway weakly: the broker is part of it.
-    pub async fn run(&self, shared: Weak<Shared>) {
+    /// Puts the gateway's hooks in and starts accepting until `stop`. The
+    /// hooks hold the gateway weakly: the broker is part of it.
+    pub async fn run(&self, gateway: Weak<dyn Gateway>, stop: CancellationToken) {
         let Some(server) = self
             .pending
             .lock()
@@ -137,15 +142,21 @@ impl Broker {
                 .add(
                     typ,
                     Box::new(Hooks {
-                        shared: shared.clone(),
+                        gateway: gateway.clone(),
                     }),
                 )
                 .await;
         }
         register.start().await;
+        // A gateway dropped without `shutdown` stops accepting too.
         let task = tokio::spawn(async move {
-            if let Err(e) = server.run().await {
-                tracing::error!(error = %e, "the embedded MQTT broker stopped");
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                ran = server.run() => {
+                    if let Err(e) = ran {
+                        tracing::error!(error = %e, "the embedded MQTT broker stopped");
+                    }
+                }
             }
         });
         *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
@@ -219,18 +230,18 @@ fn bind_one(at: SocketAddr, kind: &str, anonymous: bool) -> anyhow::Result<Liste
 
 /// The gateway's side of rmqtt's hooks, one instance per hook type.
 struct Hooks {
-    shared: Weak<Shared>,
+    gateway: Weak<dyn Gateway>,
 }
 
 #[async_trait::async_trait]
 impl Handler for Hooks {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
-        let Some(shared) = self.shared.upgrade() else {
+        let Some(gw) = self.gateway.upgrade() else {
             return (true, acc);
         };
         match param {
             Parameter::ClientAuthenticate(info) => {
-                let Some(users) = &shared.access.users else {
+                let Some(users) = &gw.access().users else {
                     return (
                         false,
                         Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
@@ -250,7 +261,7 @@ impl Handler for Hooks {
                 (false, Some(HookResult::AuthResult(result)))
             }
             Parameter::ClientSubscribeCheckAcl(_, sub) => {
-                if shared.access.subscribe_denied(&sub.topic_filter) {
+                if gw.access().subscribe_denied(&sub.topic_filter) {
                     return (
                         false,
                         Some(HookResult::SubscribeAclResult(
@@ -261,7 +272,7 @@ impl Handler for Hooks {
                 (true, acc)
             }
             Parameter::MessagePublishCheckAcl(_, publish) => {
-                if shared.access.publish_denied(&publish.topic) {
+                if gw.access().publish_denied(&publish.topic) {
                     return (
                         false,
                         Some(HookResult::PublishAclResult(PublishAclResult::rejected(
@@ -272,39 +283,37 @@ impl Handler for Hooks {
                 (true, acc)
             }
             Parameter::ClientConnected(session) => {
-                if let Some(hooks) = &shared.exhook {
-                    hooks.connected(&client_info(&shared, session));
+                if let Some(hooks) = gw.exhook() {
+                    hooks.connected(&client_info(&*gw, session));
                 }
                 (true, acc)
             }
             Parameter::ClientDisconnected(session, reason) => {
-                if let Some(hooks) = &shared.exhook {
-                    hooks.disconnected(client_info(&shared, session), &emqx_reason(reason));
+                if let Some(hooks) = gw.exhook() {
+                    hooks.disconnected(client_info(&*gw, session), &emqx_reason(reason));
                 }
                 (true, acc)
             }
             // rmqtt runs this hook before its publish ACL check, EMQX after
             // its authorization: a denied message must not get this far.
             Parameter::MessagePublish(Some(_), _, publish)
-                if shared.access.publish_denied(&publish.topic) =>
+                if gw.access().publish_denied(&publish.topic) =>
             {
                 (true, acc)
             }
             Parameter::MessagePublish(Some(session), _, publish) => {
                 // EMQX runs message.publish before it routes the message.
                 let msg = make_message(
-                    &shared.cfg.node,
+                    gw.node(),
                     &session.id.client_id,
                     &publish.topic,
                     u32::from(publish.qos.value()),
                     publish.payload.clone(),
                 );
-                if let Some(hooks) = &shared.exhook {
+                if let Some(hooks) = gw.exhook() {
                     hooks.message_publish(&msg);
                 }
-                if let Router::Memory(router) = &shared.router {
-                    router.publish(&msg);
-                }
+                gw.route(&msg);
                 (true, acc)
             }
             _ => (true, acc),
@@ -313,13 +322,13 @@ impl Handler for Hooks {
 }
 
 /// The `ClientInfo` EMQX's MQTT channel reports.
-fn client_info(shared: &Shared, session: &Session) -> crate::exhook::pb::v3::ClientInfo {
+fn client_info(gw: &dyn Gateway, session: &Session) -> crate::exhook::pb::v3::ClientInfo {
     let id = &session.id;
     let peer = id
         .remote_addr
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut info = exhook::client_info(
-        &shared.cfg.node,
+        gw.node(),
         &id.client_id,
         id.username_ref(),
         "mqtt",

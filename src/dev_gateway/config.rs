@@ -9,8 +9,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::auth::{DenyRule, EmqxCompat, Users};
-use super::broker::BrokerListen;
-use super::rest::ApiListen;
 use super::tls::TlsListen;
 
 /// Which of the two handler services EMQX calls (`handler.service_name`).
@@ -527,6 +525,21 @@ impl TryFrom<GatewayArgs> for GatewayConfig {
     fn try_from(args: GatewayArgs) -> anyhow::Result<Self> {
         args.into_config()
     }
+}
+
+/// Where the REST API stand-in listens, and the one API key it knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiListen {
+    pub addr: SocketAddr,
+    pub key: String,
+    pub secret: crate::protocol::Secret,
+}
+
+/// Where the embedded MQTT broker listens; `None`: not on that transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerListen {
+    pub mqtt: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
 }
 
 /// An address, or `off`.

@@ -19,8 +19,10 @@
 //!
 //! Modules from the top down; each imports only modules listed after it:
 //! `control` (the test handle, [`Faults`]); `conn` (the per-connection
-//! process) and `adapter` (the ConnectionAdapter service), which meet only
-//! through the modules below; `shared` (what they share); `registry`
+//! process), `adapter` (the ConnectionAdapter service) and `rest` (the
+//! REST API stand-in), which meet only through the modules below;
+//! `shared` (what they share); `broker` (the embedded MQTT broker, which
+//! reaches the gateway through its own `Gateway` trait); `registry`
 //! (conn ids, live connections, clientids); `mailbox` (what a connection
 //! process is asked); `handler` (client of the adapter's handler service);
 //! `exhook` (the ExHook client); `router` and `mqtt` (pub/sub); `message`
@@ -61,8 +63,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 pub use self::auth::{AuthConfigError, DenyAction, DenyRule, EmqxCompat, Secret, Users};
-pub use self::broker::BrokerListen;
-pub use self::config::{GatewayArgs, GatewayConfig, HandlerMode, OptionalAddr};
+pub use self::config::{
+    ApiListen, BrokerListen, GatewayArgs, GatewayConfig, HandlerMode, OptionalAddr,
+};
 pub use self::control::Faults;
 pub use self::exhook::ExhookStats;
 pub use self::faults::{Fault, ListHold, Method};
@@ -76,7 +79,6 @@ use self::faults::FaultState;
 use self::handler::HandlerClient;
 use self::mqtt::MqttRouter;
 use self::registry::Registry;
-pub use self::rest::ApiListen;
 use self::router::{MemoryRouter, Router};
 use self::shared::{Counters, Shared};
 pub use self::tls::TlsListen;
@@ -239,7 +241,9 @@ impl DevGateway {
             "dev gateway started"
         );
         if let Some(broker) = &shared.broker {
-            broker.run(Arc::downgrade(&shared)).await;
+            let weak = Arc::downgrade(&shared);
+            let gateway: std::sync::Weak<dyn broker::Gateway> = weak;
+            broker.run(gateway, shared.shutdown.clone()).await;
         }
         if let (Some(listener), Some(api)) = (api_listener, &shared.cfg.api) {
             rest::serve(listener, api, shared.clone());

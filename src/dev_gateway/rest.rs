@@ -14,7 +14,6 @@
 //! `BAD_API_KEY_OR_SECRET`, as EMQX.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::{header, HeaderMap, StatusCode, Uri};
@@ -24,16 +23,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use super::config::ApiListen;
 use super::shared::Shared;
 use crate::protocol::Secret;
-
-/// Where the stand-in listens, and the one API key it knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiListen {
-    pub addr: SocketAddr,
-    pub key: String,
-    pub secret: Secret,
-}
 
 /// Most clients one page lists (EMQX 5.8's limit).
 const MAX_LIMIT: usize = 10_000;

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Access;
-use super::broker::Broker;
+use super::broker::{self, Broker};
 use super::config::GatewayConfig;
 use super::exhook::HookClient;
 use super::faults::FaultState;
 use super::handler::HandlerClient;
 use super::registry::Registry;
 use super::router::Router;
+use crate::pb;
 
 /// What every connection process and the adapter service share.
 pub(crate) struct Shared {
@@ -43,4 +44,25 @@ pub(crate) struct Counters {
     /// Connections with a handler call in flight or waiting for the
     /// handler now.
     pub calls_pending: AtomicUsize,
+}
+
+impl broker::Gateway for Shared {
+    fn access(&self) -> &Access {
+        &self.access
+    }
+
+    fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    fn exhook(&self) -> Option<&HookClient> {
+        self.exhook.as_ref()
+    }
+
+    fn route(&self, msg: &pb::Message) {
+        // With `cfg.mqtt` there is no embedded broker to route from.
+        if let Router::Memory(router) = &self.router {
+            router.publish(msg);
+        }
+    }
 }
