@@ -117,6 +117,30 @@ fn parse_secret(s: &str) -> Result<crate::protocol::Secret, String> {
 /// Clients one reconciliation pass reads per node at most.
 const RECONCILE_MAX_CLIENTS: usize = 100_000;
 
+/// Parses `--http-user` without ever echoing the value in an error, as
+/// clap's own errors would: it holds a password.
+#[derive(Clone)]
+pub struct BasicUserParser;
+
+impl clap::builder::TypedValueParser for BasicUserParser {
+    type Value = crate::web::BasicUser;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        value.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                "--http-user: expected USER:PASSWORD, both non-empty (the value given is not shown)\n",
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
 fn parse_ws_url(s: &str) -> Result<String, String> {
     let rest = s
         .strip_prefix("ws://")
@@ -194,6 +218,7 @@ pub struct ServeArgs {
         env = "EXPROTO_HTTP_USER",
         value_name = "USER:PASSWORD",
         hide_env_values = true,
+        value_parser = BasicUserParser,
         requires = "http"
     )]
     pub http_user: Option<crate::web::BasicUser>,

@@ -5,6 +5,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
+use exproto_adapter::config::BasicUserParser;
 use exproto_adapter::config::{parse_clientid_policy, parse_seconds, parse_store, ServeArgs};
 use exproto_adapter::config_file;
 use exproto_adapter::dev_gateway::{ApiListen, DevGateway, GatewayArgs, OptionalAddr};
@@ -12,7 +13,7 @@ use exproto_adapter::exhook::{EmqxApi, ReconcileConfig};
 use exproto_adapter::protocol::{ClientidPolicy, Secret};
 use exproto_adapter::server::{Ended, RunningAdapter, Server};
 use exproto_adapter::store::StoreUrl;
-use exproto_adapter::web::{HttpConfig, PageSettings};
+use exproto_adapter::web::{BasicUser, HttpConfig, PageSettings};
 
 /// An EMQX ExProto handler: lets raw TCP clients speak a line protocol to
 /// the EMQX MQTT broker.
@@ -109,6 +110,19 @@ struct DemoArgs {
         value_name = "ADDR|off"
     )]
     http: OptionalAddr,
+
+    /// Let HTTP requests in with `Authorization: Bearer TOKEN` (needed,
+    /// with or instead of --http-user, beyond loopback).
+    #[arg(long, env = "EXPROTO_HTTP_TOKEN", value_name = "TOKEN", hide_env_values = true, value_parser = parse_token)]
+    http_token: Option<Secret>,
+
+    /// HTTP basic-auth credentials, which a browser asks for.
+    #[arg(long, env = "EXPROTO_HTTP_USER", value_name = "USER:PASSWORD", hide_env_values = true, value_parser = BasicUserParser)]
+    http_user: Option<BasicUser>,
+}
+
+fn parse_token(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
 }
 
 /// The `host:port` an `http://host:port` URL names.
@@ -191,8 +205,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     adapter_config.metrics = args.metrics;
     adapter_config.http = args.http.0.map(|addr| HttpConfig {
         addr,
-        token: None,
-        user: None,
+        token: args.http_token.clone(),
+        user: args.http_user.clone(),
         page: PageSettings {
             // Where anyone may connect the page enters at once.
             login: gateway_config.users.is_some(),
@@ -238,13 +252,17 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let ws_url = gateway.ws_addr().map(|at| format!("ws://{at}/mqtt"));
     if let Some(web) = adapter.web() {
         web.set_ws_url(ws_url.clone());
-        tracing::info!(
-            "chat page: http://{}/ (MQTT over WebSocket: {})",
-            web.addr(),
-            ws_url
-                .as_deref()
-                .unwrap_or("off, so the page cannot connect")
-        );
+        match &ws_url {
+            Some(url) => tracing::info!(
+                "chat page: http://{}/ (MQTT over WebSocket: {url})",
+                web.addr()
+            ),
+            None => tracing::warn!(
+                "chat page: http://{}/, but the embedded broker has no WebSocket listener: \
+                 the page will try ws://<its host>:8083/mqtt (see --ws-listen)",
+                web.addr()
+            ),
+        }
     }
     if let Some(at) = gateway.mqtt_addr() {
         tracing::info!(
@@ -410,9 +428,19 @@ fn init_logging(format: LogFormat, default_level: &str) {
     // EMQX sends an IP address as TLS SNI, which rustls warns about on
     // every handshake; the server says it once at start instead (RUST_LOG
     // set by hand shows them all).
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!("{default_level},rustls::msgs::handshake=error"))
     });
+    // The embedded broker (rmqtt) logs whole packets, payloads and
+    // passwords included, at debug: kept at info unless RUST_LOG names it.
+    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rmqtt"));
+    if !named {
+        for directive in ["rmqtt=info", "rmqtt_net=info", "rmqtt_codec=info"] {
+            if let Ok(d) = directive.parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);

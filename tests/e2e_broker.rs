@@ -210,14 +210,27 @@ async fn the_users_file_and_deny_rules_bind_mqtt_clients() {
     .await;
     let at = s.gateway.mqtt_addr().unwrap();
 
-    for (who, creds) in [
-        ("a wrong password", Some(("bob", "nope"))),
-        ("no credentials", None),
-        ("an unknown user", Some(("eve", "pw"))),
+    let will = |topic: &str| rumqttc::LastWill::new(topic, "gone", QoS::AtMostOnce, false);
+    for (who, clientid, creds, last_will) in [
+        ("a wrong password", "intruder", Some(("bob", "nope")), None),
+        ("no credentials", "intruder", None, None),
+        ("an unknown user", "intruder", Some(("eve", "pw")), None),
+        // Chat clients meet the same rule: no posting under another name.
+        ("another user's clientid", "ann", Some(("bob", "pw2")), None),
+        // rmqtt would send a will unchecked: a denied one refuses CONNECT.
+        (
+            "a will to a denied topic",
+            "bob/will",
+            Some(("bob", "pw2")),
+            Some(will("chat/secret/x")),
+        ),
     ] {
-        let mut opts = options("intruder", at);
+        let mut opts = options(clientid, at);
         if let Some((u, p)) = creds {
             opts.set_credentials(u, p);
+        }
+        if let Some(w) = last_will {
+            opts.set_last_will(w);
         }
         let (_c, mut el) = AsyncClient::new(opts, 4);
         let refused = tokio::time::timeout(WAIT, async {
@@ -243,6 +256,12 @@ async fn the_users_file_and_deny_rules_bind_mqtt_clients() {
 
     let mut ann = s.connected_as("CONNECT ann ann pw", "ann").await;
     assert_eq!(ann.ask("SUB chat/#").await, "OK SUB chat/# 0");
+    // The username, or the username and a suffix, as for chat clients.
+    let mut opts = options("bob/phone", at);
+    opts.set_credentials("bob", "pw2");
+    opts.set_last_will(will("chat/bob/status"));
+    let (_phone, phone_el) = mqtt_client(opts).await;
+    let _phone_task = drive(phone_el);
     let mut opts = options("bob", at);
     opts.set_credentials("bob", "pw2");
     let (bob, mut bob_el) = mqtt_client(opts).await;
@@ -260,6 +279,7 @@ async fn the_users_file_and_deny_rules_bind_mqtt_clients() {
         .unwrap();
     let _bob_task = drive(bob_el);
     assert_eq!(ann.line().await, "MSG chat/open bob :visible");
+    ann.ask_until("WHO", &["OK WHO 3 :ann bob bob/phone"]).await;
     ann.silent_for(Duration::from_millis(200)).await;
     s.gateway.shutdown().await;
 }
@@ -302,4 +322,94 @@ async fn an_external_broker_url_turns_the_embedded_one_off() {
     let gw = DevGateway::start(cfg).await.unwrap();
     assert_eq!((gw.mqtt_addr(), gw.ws_addr()), (None, None));
     gw.shutdown().await;
+}
+
+/// Waits until the hook server has stored a marker message, so that every
+/// hook call made before it has been written (they are written in order).
+async fn settled(c: &mut Client, marker: &str) {
+    // HISTORY reads only topics the client is subscribed to.
+    assert_eq!(c.ask("SUB chat/marker").await, "OK SUB chat/marker 0");
+    assert_eq!(
+        c.ask(&format!("PUB chat/marker :{marker}")).await,
+        "OK PUB chat/marker"
+    );
+    assert_eq!(c.line().await, format!("MSG chat/marker ann :{marker}"));
+    reply_until(c, "HISTORY chat/marker 1", &[&format!(":{marker}")]).await;
+}
+
+#[tokio::test]
+async fn a_takeover_is_reported_as_emqx_reports_it_and_presence_keeps_the_client() {
+    let s = Stack::presence_tuned(STORE, both_listeners, |_| {}).await;
+    let at = s.gateway.mqtt_addr().unwrap();
+    let mut ann = s.connected("ann").await;
+    let (_first, mut first_el) = mqtt_client(options("mo", at)).await;
+    reply_until(&mut ann, "WHO", &["OK WHO 2 :ann mo"]).await;
+
+    // The same clientid again: the broker closes the first session.
+    let (_second, second_el) = mqtt_client(options("mo", at)).await;
+    let _second_task = drive(second_el);
+    tokio::time::timeout(WAIT, async { while first_el.poll().await.is_ok() {} })
+        .await
+        .expect("the first session is closed");
+    // The old session's end is reported before the new one's start (the
+    // broker's unit tests cover a late end), so mo stays online.
+    settled(&mut ann, "after-takeover").await;
+    assert_eq!(ann.ask("WHO").await, "OK WHO 2 :ann mo");
+    s.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reconciliation_keeps_connected_mqtt_clients_and_drops_stale_ones() {
+    use exproto_adapter::dev_gateway::ApiListen;
+    use exproto_adapter::exhook::{EmqxApi, ReconcileConfig};
+    use exproto_adapter::protocol::Secret;
+    use exproto_adapter::store::Presence;
+
+    let s = Stack::presence_tuned(
+        STORE,
+        |g| {
+            both_listeners(g);
+            g.api = Some(ApiListen {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                key: "key".into(),
+                secret: Secret::new("secret"),
+            });
+        },
+        |_| {},
+    )
+    .await;
+    let at = s.gateway.mqtt_addr().unwrap();
+    let mut ann = s.connected("ann").await;
+    let (_mo, mo_el) = mqtt_client(options("mo", at)).await;
+    let _mo_task = drive(mo_el);
+    reply_until(&mut ann, "WHO", &["OK WHO 2 :ann mo"]).await;
+    // A client of this node that left unreported.
+    s.adapter
+        .store()
+        .unwrap()
+        .presence_upsert(Presence {
+            clientid: "ghost".into(),
+            username: String::new(),
+            node: "emqx@127.0.0.1".into(),
+            connected_at_ms: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ann.ask("WHO").await, "OK WHO 3 :ann ghost mo");
+
+    let hooks = s.adapter.hooks().unwrap();
+    let api = format!("http://{}", s.gateway.api_addr().unwrap());
+    hooks.reconcile(ReconcileConfig {
+        api: EmqxApi::new(&api, "key", &Secret::new("secret")).unwrap(),
+        every: Duration::from_secs(300),
+        max_clients: 100_000,
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hooks.core().last_reconciled_ms().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no reconciliation");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The stand-in lists the broker's MQTT clients as EMQX lists its own.
+    assert_eq!(ann.ask("WHO").await, "OK WHO 2 :ann mo");
+    s.gateway.shutdown().await;
 }

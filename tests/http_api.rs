@@ -76,6 +76,13 @@ async fn presence_and_history_read_as_json_with_paging_back() {
     let mut ann = s.connected("ann").await;
     let _bob = s.connected("bob").await;
     for i in 0..5 {
+        if i == 3 {
+            // m3 and m4 a clear millisecond after m0..m2, for paging by time.
+            let t = exproto_adapter::store::now_ms();
+            while exproto_adapter::store::now_ms() < t + 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
         assert_eq!(
             ann.ask(&format!("PUB chat/lobby :m{i}")).await,
             "OK PUB chat/lobby"
@@ -124,24 +131,26 @@ async fn presence_and_history_read_as_json_with_paging_back() {
     .json();
     assert_eq!(payloads(&older), ["m1", "m2"]);
     assert_eq!(older["more"], true);
-    // By time: whatever is older than m2, as the full list says.
-    let m2_time = all["messages"][2]["timestamp"].as_u64().unwrap();
+    // By time: everything before m3, newest first when cut short.
+    let m3_time = all["messages"][3]["timestamp"].as_u64().unwrap();
     let by_time = get(
         at,
-        &format!("/api/v1/history?topic=chat/lobby&before_time={m2_time}"),
+        &format!("/api/v1/history?topic=chat/lobby&before_time={m3_time}"),
         &[],
     )
     .await
     .json();
-    let want: Vec<String> = all["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["timestamp"].as_u64().unwrap() < m2_time)
-        .map(|m| m["payload"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(payloads(&by_time), want);
+    assert_eq!(payloads(&by_time), ["m0", "m1", "m2"]);
     assert_eq!(by_time["more"], false);
+    let by_time = get(
+        at,
+        &format!("/api/v1/history?topic=chat/lobby&n=2&before_time={m3_time}"),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(payloads(&by_time), ["m1", "m2"]);
+    assert_eq!(by_time["more"], true);
 
     // Exactly the topic asked for: another topic's id finds nothing.
     let other = json_until(at, "/api/v1/history?topic=chat/other", |v| {
@@ -186,6 +195,35 @@ async fn presence_and_history_read_as_json_with_paging_back() {
         assert!(r.json()["message"].as_str().is_some(), "{path}");
     }
     s.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_open_listener_refuses_other_host_names() {
+    let (s, at) = with_http(http("127.0.0.1:0")).await;
+    // A page elsewhere whose name was pointed at 127.0.0.1 (DNS
+    // rebinding) sends its own name as Host.
+    for path in ["/", "/api/v1/presence", "/api/v1/history?topic=chat/lobby"] {
+        let r = get(at, path, &["Host: evil.example:18080"]).await;
+        assert_eq!(r.status, 403, "{path}");
+        assert_eq!(r.json()["error"], "forbidden");
+    }
+    for host in ["localhost:18080", "127.0.0.1", "[::1]:1"] {
+        let r = get(at, "/api/v1/presence", &[&format!("Host: {host}")]).await;
+        assert_eq!(r.status, 200, "{host}");
+    }
+    // With credentials the name does not matter (a proxy's Host).
+    let mut cfg = http("127.0.0.1:0");
+    cfg.token = Some(Secret::new("t"));
+    let (s2, at2) = with_http(cfg).await;
+    let r = get(
+        at2,
+        "/api/v1/presence",
+        &["Host: chat.example.com", "Authorization: Bearer t"],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    s.gateway.shutdown().await;
+    s2.gateway.shutdown().await;
 }
 
 #[tokio::test]

@@ -263,8 +263,10 @@
     });
   }
 
+  // Per tab: two tabs under one name would take the clientid from each
+  // other over and over.
   function guestName() {
-    const stored = localStorage.getItem("chat-name");
+    const stored = sessionStorage.getItem("chat-name");
     if (stored && NAME_RE.test(stored)) {
       return stored;
     }
@@ -312,7 +314,7 @@
       $("controls-error").textContent = "";
       if (name !== state.name) {
         state.name = name;
-        localStorage.setItem("chat-name", name);
+        sessionStorage.setItem("chat-name", name);
         connect();
       }
     });

@@ -92,9 +92,14 @@ impl Users {
 
     /// Whether `username` exists and `password` is its password.
     pub fn check(&self, username: &str, password: &str) -> bool {
+        self.check_bytes(username, password.as_bytes())
+    }
+
+    /// [`Users::check`] for a password as bytes (MQTT's are binary).
+    pub fn check_bytes(&self, username: &str, password: &[u8]) -> bool {
         self.by_name
             .get(username)
-            .is_some_and(|p| p.expose() == password)
+            .is_some_and(|p| p.matches(password))
     }
 }
 

@@ -179,9 +179,7 @@ impl DevGateway {
             None => Router::Memory(MemoryRouter::default()),
         };
         let broker = match (&cfg.mqtt, cfg.broker) {
-            (None, listen) if listen != BrokerListen::default() => {
-                Broker::bind(listen, cfg.users.is_none(), &cfg.node).await?
-            }
+            (None, listen) if listen != BrokerListen::default() => Broker::bind(listen).await?,
             _ => None,
         };
         let faults = Arc::new(FaultState::default());
@@ -348,7 +346,7 @@ impl DevGateway {
         }
         self.adapter.stop().await;
         if let Some(broker) = &self.shared.broker {
-            broker.stop().await;
+            broker.stopped().await;
         }
         if let Some(exhook) = &self.shared.exhook {
             exhook.stopped().await;

@@ -4,8 +4,9 @@
 //!
 //! - `GET /api/v5/nodes`: this node, `running`.
 //! - `GET /api/v5/gateways`: the `exproto` gateway, `running`.
-//! - `GET /api/v5/clients`: MQTT clients; the gateway has none of its own
-//!   (with `--mqtt`, the broker's clients are not its to list).
+//! - `GET /api/v5/clients`: the embedded broker's MQTT clients (with
+//!   `--mqtt`, the external broker's clients are not the gateway's to
+//!   list, so none).
 //! - `GET /api/v5/gateways/exproto/clients`: the logged-in clients whose
 //!   sockets are open, with `node`, `conn_state`, `page` and `limit` (at
 //!   most 10000) as EMQX takes them, and `meta.hasnext`.
@@ -162,10 +163,11 @@ async fn list(api: &Api, uri: &Uri, gateway: bool) -> Response {
     let node = &api.shared.cfg.node;
     let this_node = q.get("node").is_none_or(|n| n == node);
     let connected_wanted = q.get("conn_state").is_none_or(|s| s == "connected");
-    let clients = if gateway && this_node && connected_wanted {
-        api.shared.registry.connected_clients()
-    } else {
-        Vec::new()
+    let clients = match (this_node && connected_wanted, gateway, &api.shared.broker) {
+        (false, ..) => Vec::new(),
+        (true, true, _) => api.shared.registry.connected_clients(),
+        (true, false, Some(broker)) => broker.connected_clients(),
+        (true, false, None) => Vec::new(),
     };
     let count = clients.len();
     let data: Vec<Value> = clients
@@ -177,7 +179,7 @@ async fn list(api: &Api, uri: &Uri, gateway: bool) -> Response {
                 "node": node,
                 "clientid": c.clientid,
                 "username": c.username,
-                "proto_name": "exproto",
+                "proto_name": if gateway { "exproto" } else { "MQTT" },
                 "connected": true,
                 "connected_at": humantime::format_rfc3339_millis(c.connected_at).to_string(),
             })

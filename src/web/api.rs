@@ -57,6 +57,7 @@ pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     let code = match status {
         StatusCode::BAD_REQUEST => "bad_request",
         StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::NOT_IMPLEMENTED => "not_enabled",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",

@@ -147,6 +147,10 @@ pub fn serve(
             user: cfg.user.clone(),
         };
         guarded = guarded.layer(axum::middleware::from_fn_with_state(guard, check));
+    } else {
+        // Open on loopback: a web page elsewhere must not reach it by
+        // pointing a name of its own at 127.0.0.1 (DNS rebinding).
+        guarded = guarded.layer(axum::middleware::from_fn_with_state(addr, local_host));
     }
     let mut app = guarded.fallback(|| async { api::error(StatusCode::NOT_FOUND, "no such path") });
     if let Some(metrics) = metrics {
@@ -164,6 +168,36 @@ pub fn serve(
         }
     });
     Ok(Web { page, addr })
+}
+
+/// Lets a request through whose `Host` names this machine's loopback (or
+/// the bound address), whatever the port.
+async fn local_host(State(bound): State<SocketAddr>, request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    match host {
+        Some(host) if !is_local_host(host, bound) => api::error(
+            StatusCode::FORBIDDEN,
+            "the Host header must name this machine (localhost, 127.0.0.1, [::1]); \
+             behind a proxy, send one of those or set credentials (--http-token, --http-user)",
+        ),
+        _ => next.run(request).await,
+    }
+}
+
+fn is_local_host(host: &str, bound: SocketAddr) -> bool {
+    // `[::1]:18080`, `127.0.0.1:18080`, `localhost`.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip == bound.ip())
 }
 
 /// Lets a request with the configured token or user through.
@@ -201,7 +235,7 @@ fn allowed(guard: &Guard, headers: &HeaderMap) -> bool {
         return guard
             .token
             .as_ref()
-            .is_some_and(|t| same(t.expose().as_bytes(), rest.as_bytes()));
+            .is_some_and(|t| t.matches(rest.as_bytes()));
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let Some(user) = &guard.user else {
@@ -216,19 +250,11 @@ fn allowed(guard: &Guard, headers: &HeaderMap) -> bool {
         let (name, password) = (&decoded[..colon], &decoded[colon + 1..]);
         // Both compared in full, so the time taken tells nothing of which
         // one was wrong.
-        let name_ok = same(user.name.as_bytes(), name);
-        let password_ok = same(user.password.expose().as_bytes(), password);
+        let name_ok = Secret::new(user.name.as_str()).matches(name);
+        let password_ok = user.password.matches(password);
         return name_ok & password_ok;
     }
     false
-}
-
-/// Equality whose time depends on the lengths only.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -266,6 +292,32 @@ mod tests {
             "ann:p:w".parse::<BasicUser>().unwrap().password.expose(),
             "p:w"
         );
+    }
+
+    #[test]
+    fn an_open_listener_answers_only_to_local_host_names() {
+        let bound: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+        for host in [
+            "localhost",
+            "localhost:18080",
+            "LOCALHOST.:1",
+            "127.0.0.1:18080",
+            "127.0.0.2",
+            "[::1]:18080",
+            "[::1]",
+        ] {
+            assert!(is_local_host(host, bound), "{host}");
+        }
+        for host in [
+            "evil.example:18080",
+            "evil.example",
+            "localhost.evil.example",
+            "10.0.0.1:18080",
+            "[::2]:18080",
+            "",
+        ] {
+            assert!(!is_local_host(host, bound), "{host}");
+        }
     }
 
     #[test]

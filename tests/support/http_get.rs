@@ -35,7 +35,13 @@ impl HttpReply {
 /// `GET path` with optional extra header lines (`Authorization: ...`).
 pub async fn get(addr: SocketAddr, path: &str, headers: &[&str]) -> HttpReply {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("host:"))
+    {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for h in headers {
         req.push_str(h);
         req.push_str("\r\n");

@@ -530,6 +530,18 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `candidate` is the secret, in a time that depends on the
+    /// lengths only, so a caller cannot learn it byte by byte.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let secret = self.0.as_bytes();
+        secret.len() == candidate.len()
+            && secret
+                .iter()
+                .zip(candidate)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
 }
 
 impl std::fmt::Debug for Secret {
@@ -541,6 +553,16 @@ impl std::fmt::Debug for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_match_only_themselves() {
+        let s = Secret::new("pa55");
+        assert!(s.matches(b"pa55"));
+        assert!(!s.matches(b"pa5"));
+        assert!(!s.matches(b"pa555"));
+        assert!(!s.matches(b"pa56"));
+        assert!(Secret::new("").matches(b""));
+    }
 
     #[test]
     fn the_username_policy_allows_the_username_and_its_suffixes() {
