@@ -433,12 +433,18 @@ fn init_logging(format: LogFormat, default_level: &str) {
     });
     // The embedded broker (rmqtt) logs whole packets, payloads and
     // passwords included, at debug: kept at info unless RUST_LOG names it.
+    // A cap, not a level: a quieter setting stays quieter.
     let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rmqtt"));
     if !named {
-        for directive in ["rmqtt=info", "rmqtt_net=info", "rmqtt_codec=info"] {
-            if let Ok(d) = directive.parse() {
-                filter = filter.add_directive(d);
-            }
+        let cap = filter
+            .max_level_hint()
+            .map_or(tracing::level_filters::LevelFilter::INFO, |l| {
+                l.min(tracing::level_filters::LevelFilter::INFO)
+            });
+        // `rmqtt` covers rmqtt_net and rmqtt_codec too (targets match by
+        // prefix).
+        if let Ok(d) = format!("rmqtt={cap}").parse() {
+            filter = filter.add_directive(d);
         }
     }
     let builder = tracing_subscriber::fmt()

@@ -256,6 +256,14 @@
       }
       status(`Connection problem: ${err.message}`);
     });
+    // Another connection took this clientid (the same user in a second
+    // tab): stop here rather than take it back and forth every few seconds.
+    client.on("disconnect", (packet) => {
+      if (client === state.client && packet && packet.reasonCode === 142) {
+        client.end(true);
+        status(`${state.name} is now connected elsewhere (another tab or device); reload to take it back.`);
+      }
+    });
     client.on("offline", () => {
       if (client === state.client) {
         status("Disconnected; trying again…");

@@ -114,6 +114,10 @@ impl<K: PartialEq, V> Holders<K, V> {
     fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
         self.by_clientid.iter().map(|(c, (_, v))| (c, v))
     }
+
+    fn sessions(&self) -> impl Iterator<Item = (&String, &K)> {
+        self.by_clientid.iter().map(|(c, (k, _))| (c, k))
+    }
 }
 
 /// What every hook instance shares.
@@ -242,12 +246,44 @@ impl Broker {
 
     /// The MQTT clients connected now, as the hook server was told, by
     /// clientid: for the REST API stand-in's `/api/v5/clients`.
-    pub fn connected_clients(&self) -> Vec<Listed> {
-        let clients = self
+    ///
+    /// rmqtt reports a connect before its CONNACK goes out, and a session
+    /// that fails in between never runs, so it never reports its end:
+    /// such a client is reported gone (`tcp_closed`) here, as EMQX's
+    /// connection process would on its way down.
+    pub async fn connected_clients(&self, gateway: &dyn Gateway) -> Vec<Listed> {
+        let held: Vec<(String, Id)> = self
+            .state
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sessions()
+            .map(|(c, id)| (c.clone(), id.clone()))
+            .collect();
+        let mut dead = Vec::new();
+        {
+            let shared = self.scx.extends.shared().await;
+            for (clientid, id) in held {
+                let entry = shared.entry(id.clone());
+                let alive =
+                    entry.id_same() == Some(true) && entry.tx().is_some_and(|tx| !tx.is_closed());
+                if !alive {
+                    dead.push((clientid, id));
+                }
+            }
+        }
+        let mut clients = self
             .state
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        for (clientid, id) in dead {
+            if let Some(gone) = clients.disconnect(&clientid, &id) {
+                if let Some(hooks) = gateway.exhook() {
+                    hooks.disconnected(gone.info, "tcp_closed");
+                }
+            }
+        }
         let mut listed: Vec<Listed> = clients
             .iter()
             .map(|(clientid, r)| Listed {
@@ -355,7 +391,11 @@ impl Handler for Hooks {
         };
         match param {
             Parameter::ClientAuthenticate(info) => {
-                let result = authenticate(gw.access(), info);
+                let result = if self.state.closing.load(Ordering::Relaxed) {
+                    AuthResult::NotAuthorized
+                } else {
+                    authenticate(gw.access(), info)
+                };
                 (false, Some(HookResult::AuthResult(result)))
             }
             Parameter::ClientSubscribeCheckAcl(_, sub) => {
@@ -390,8 +430,10 @@ impl Handler for Hooks {
             }
             // rmqtt runs this hook before its publish ACL check, EMQX after
             // its authorization: a denied message must not get this far.
+            // Nor the wills of clients closed because the gateway stops.
             Parameter::MessagePublish(Some(_), _, publish)
-                if gw.access().publish_denied(&publish.topic) =>
+                if gw.access().publish_denied(&publish.topic)
+                    || self.state.closing.load(Ordering::Relaxed) =>
             {
                 (true, acc)
             }
@@ -420,6 +462,14 @@ impl Hooks {
     /// taken over, and is reported gone first, as EMQX does.
     fn connected(&self, gw: &dyn Gateway, session: &Session) {
         if self.state.closing.load(Ordering::Relaxed) {
+            // Its CONNECT was under way when the gateway began to stop,
+            // after the other clients were listed to be closed.
+            let scx = session.scx.clone();
+            let id = session.id.clone();
+            tokio::spawn(async move {
+                let mut entry = scx.extends.shared().await.entry(id);
+                let _ = tokio::time::timeout(KICK_TIMEOUT, entry.kick(true, true, true)).await;
+            });
             return;
         }
         let info = client_info(gw, session);
@@ -470,24 +520,25 @@ impl Hooks {
 /// rules for a will; without a users file anyone gets in.
 fn authenticate(access: &Access, info: &ConnectInfo) -> AuthResult {
     let clientid = info.id().client_id.to_string();
+    if let Some(users) = &access.users {
+        let username = info.username().map(|u| u.to_string()).unwrap_or_default();
+        let password = info.password().map(|p| p.to_vec()).unwrap_or_default();
+        if !users.check_bytes(&username, &password) {
+            tracing::info!(%clientid, username, "MQTT client refused: bad username or password");
+            return AuthResult::BadUsernameOrPassword;
+        }
+        if !ClientidPolicy::Username.allows(&clientid, &username) {
+            tracing::info!(%clientid, username, "MQTT client refused: clientid not allowed for this user");
+            return AuthResult::NotAuthorized;
+        }
+    }
+    // Checked only once the client is known, so a stranger learns nothing
+    // of the rules.
     if let Some(topic) = info.last_will().map(|w| will_topic(&w)) {
         if access.publish_denied(&topic) {
             tracing::info!(%clientid, topic, "MQTT client refused: its will's topic is denied");
             return AuthResult::NotAuthorized;
         }
-    }
-    let Some(users) = &access.users else {
-        return AuthResult::Allow(false, None);
-    };
-    let username = info.username().map(|u| u.to_string()).unwrap_or_default();
-    let password = info.password().map(|p| p.to_vec()).unwrap_or_default();
-    if !users.check_bytes(&username, &password) {
-        tracing::info!(%clientid, username, "MQTT client refused: bad username or password");
-        return AuthResult::BadUsernameOrPassword;
-    }
-    if !ClientidPolicy::Username.allows(&clientid, &username) {
-        tracing::info!(%clientid, username, "MQTT client refused: clientid not allowed for this user");
-        return AuthResult::NotAuthorized;
     }
     AuthResult::Allow(false, None)
 }

@@ -166,7 +166,7 @@ async fn list(api: &Api, uri: &Uri, gateway: bool) -> Response {
     let clients = match (this_node && connected_wanted, gateway, &api.shared.broker) {
         (false, ..) => Vec::new(),
         (true, true, _) => api.shared.registry.connected_clients(),
-        (true, false, Some(broker)) => broker.connected_clients(),
+        (true, false, Some(broker)) => broker.connected_clients(&*api.shared).await,
         (true, false, None) => Vec::new(),
     };
     let count = clients.len();

@@ -178,12 +178,12 @@ async fn local_host(State(bound): State<SocketAddr>, request: Request, next: Nex
         .get(header::HOST)
         .and_then(|v| v.to_str().ok());
     match host {
-        Some(host) if !is_local_host(host, bound) => api::error(
+        Some(host) if is_local_host(host, bound) => next.run(request).await,
+        _ => api::error(
             StatusCode::FORBIDDEN,
             "the Host header must name this machine (localhost, 127.0.0.1, [::1]); \
              behind a proxy, send one of those or set credentials (--http-token, --http-user)",
         ),
-        _ => next.run(request).await,
     }
 }
 
