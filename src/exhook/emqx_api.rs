@@ -191,7 +191,7 @@ impl EmqxApi {
             clients: HashMap::new(),
             complete: true,
         };
-        let node_q = urlencode(node);
+        let node_q = node_query(node);
         // EMQX pages by rescanning: a client that leaves between two pages
         // shifts the rest, and one may be skipped. A list of one page is
         // whole; a longer one proves no client gone.
@@ -202,8 +202,7 @@ impl EmqxApi {
                 if listing.clients.len() > max {
                     break;
                 }
-                let path =
-                    format!("{list}?node={node_q}&conn_state=connected&page={page}&limit={PAGE}");
+                let path = format!("{list}?{node_q}&conn_state=connected&page={page}&limit={PAGE}");
                 let got: Page = self.get(&path).await?;
                 let empty = got.data.is_empty();
                 for c in got.data.into_iter().filter(|c| c.connected) {
@@ -222,17 +221,9 @@ impl EmqxApi {
     }
 }
 
-/// Percent-encodes a query value (node names hold `@`).
-fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// `node=NODE`, encoded (node names hold `@`).
+fn node_query(node: &str) -> String {
+    serde_urlencoded::to_string([("node", node)]).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -247,6 +238,6 @@ mod tests {
         let api = EmqxApi::new("http://127.0.0.1:18083/api/v5/", "k", &secret).unwrap();
         assert_eq!(api.base(), "http://127.0.0.1:18083");
         assert!(!format!("{api:?}").contains("Basic"), "{api:?}");
-        assert_eq!(urlencode("emqx@127.0.0.1"), "emqx%40127.0.0.1");
+        assert_eq!(node_query("emqx@127.0.0.1"), "node=emqx%40127.0.0.1");
     }
 }
