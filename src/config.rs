@@ -110,7 +110,7 @@ pub fn parse_listener(s: &str) -> Result<ListenerProtocol, String> {
 }
 
 /// A secret, kept out of `Debug` output.
-fn parse_secret(s: &str) -> Result<crate::protocol::Secret, String> {
+pub fn parse_secret(s: &str) -> Result<crate::protocol::Secret, String> {
     Ok(crate::protocol::Secret::new(s))
 }
 

@@ -5,8 +5,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
-use exproto_adapter::config::BasicUserParser;
 use exproto_adapter::config::{parse_clientid_policy, parse_seconds, parse_store, ServeArgs};
+use exproto_adapter::config::{parse_secret, BasicUserParser};
 use exproto_adapter::config_file;
 use exproto_adapter::dev_gateway::{ApiListen, DevGateway, GatewayArgs, OptionalAddr};
 use exproto_adapter::exhook::{EmqxApi, ReconcileConfig};
@@ -113,16 +113,12 @@ struct DemoArgs {
 
     /// Let HTTP requests in with `Authorization: Bearer TOKEN` (needed,
     /// with or instead of --http-user, beyond loopback).
-    #[arg(long, env = "EXPROTO_HTTP_TOKEN", value_name = "TOKEN", hide_env_values = true, value_parser = parse_token)]
+    #[arg(long, env = "EXPROTO_HTTP_TOKEN", value_name = "TOKEN", hide_env_values = true, value_parser = parse_secret)]
     http_token: Option<Secret>,
 
     /// HTTP basic-auth credentials, which a browser asks for.
     #[arg(long, env = "EXPROTO_HTTP_USER", value_name = "USER:PASSWORD", hide_env_values = true, value_parser = BasicUserParser)]
     http_user: Option<BasicUser>,
-}
-
-fn parse_token(s: &str) -> Result<Secret, String> {
-    Ok(Secret::new(s))
 }
 
 /// The `host:port` an `http://host:port` URL names.

@@ -534,14 +534,14 @@ impl Secret {
     /// Whether `candidate` is the secret, in a time that depends on the
     /// lengths only, so a caller cannot learn it byte by byte.
     pub fn matches(&self, candidate: &[u8]) -> bool {
-        let secret = self.0.as_bytes();
-        secret.len() == candidate.len()
-            && secret
-                .iter()
-                .zip(candidate)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        same_bytes(self.0.as_bytes(), candidate)
     }
+}
+
+/// Equality in a time that depends on the lengths only, for credentials
+/// (a secret's, or a user name checked beside one).
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl std::fmt::Debug for Secret {
